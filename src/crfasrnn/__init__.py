@@ -1,0 +1,7 @@
+"""CRF-RNN semantic segmentation for modern PyTorch."""
+
+from .crf import CrfRnn, crf_rnn
+from .lattice import PermutohedralLattice, permutohedral_filter
+
+__all__ = ["CrfRnn", "crf_rnn", "PermutohedralLattice", "permutohedral_filter"]
+__version__ = "0.1.0"

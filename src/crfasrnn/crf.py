@@ -1,0 +1,258 @@
+"""The CRF-RNN layer: mean-field inference of a fully connected CRF as a recurrent, differentiable layer.
+
+Zheng, Jayasumana, Romera-Paredes, Vineet, Su, Du, Huang and Torr, *Conditional Random Fields as Recurrent Neural
+Networks*, ICCV 2015. The pairwise potentials are the two Gaussian kernels of Krähenbühl and Koltun's dense CRF (NIPS
+2011), a spatial (smoothness) kernel over pixel positions and a bilateral (appearance) kernel over positions and colours,
+filtered with the permutohedral lattice (:mod:`crfasrnn.lattice`).
+
+Conventions (the Caffe original's and the paper's): the unary input is a score (a logit, the *negative* unary energy);
+each iteration computes ``Q = U - M @ (W_s @ S + W_b @ B)`` with the compatibility matrix ``M`` initialised to ``-I``
+(Potts). The PyTorch port stores ``-M``; :mod:`crfasrnn.weights` converts its files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lattice import PermutohedralLattice
+
+__all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features", "NORMALISER_EPS"]
+
+#: Added to the filtered all-ones image before inverting it (the PyTorch port's ``np.finfo(float).eps``).
+NORMALISER_EPS = 2.220446049250313e-16
+
+
+def _pixel_grid(height: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ys = torch.arange(height, dtype=like.dtype, device=like.device).view(height, 1).expand(height, width)
+    xs = torch.arange(width, dtype=like.dtype, device=like.device).view(1, width).expand(height, width)
+    return xs, ys
+
+
+def spatial_features(height: int, width: int, theta_gamma: float, *, like: torch.Tensor) -> torch.Tensor:
+    """Features of the spatial kernel: ``(x / θγ, y / θγ)`` with x the column and y the row, 0-based (SPEC §2.1).
+
+    Args:
+        height, width: image size in pixels.
+        theta_gamma: spatial bandwidth θγ in pixels.
+        like: a tensor whose dtype and device the features take.
+
+    Returns:
+        (1, 2, H, W) features (the same for every image of a batch).
+    """
+    xs, ys = _pixel_grid(height, width, like)
+    return torch.stack([xs / theta_gamma, ys / theta_gamma])[None]
+
+
+def bilateral_features(image: torch.Tensor, theta_alpha: float, theta_beta: float) -> torch.Tensor:
+    """Features of the bilateral kernel: ``(x/θα, y/θα, I0/θβ, I1/θβ, I2/θβ)`` (SPEC §2.1).
+
+    Args:
+        image: (B, 3, H, W) colour channels in the units θβ refers to, used in tensor order.
+        theta_alpha: positional bandwidth θα in pixels.
+        theta_beta: colour bandwidth θβ in the image's units.
+
+    Returns:
+        (B, 5, H, W) features.
+    """
+    b, _, h, w = image.shape
+    xs, ys = _pixel_grid(h, w, image)
+    xy = torch.stack([xs / theta_alpha, ys / theta_alpha])[None].expand(b, 2, h, w)
+    return torch.cat([xy, image / theta_beta], dim=1)
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def _check_inputs(
+    unary: torch.Tensor, image: torch.Tensor, num_classes: int | None, parameter_device: torch.device | None = None
+) -> None:
+    for name, t in (("unary", unary), ("image", image)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, C, H, W), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
+    if image.shape[1] != 3:
+        raise ValueError(f"image must have 3 channels (B, 3, H, W), got shape {tuple(image.shape)}")
+    if unary.shape[0] != image.shape[0] or unary.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"unary {tuple(unary.shape)} and image {tuple(image.shape)} must have the same batch size and H, W"
+        )
+    if num_classes is not None and unary.shape[1] != num_classes:
+        raise ValueError(f"unary has {unary.shape[1]} classes but the layer has {num_classes} (shape {tuple(unary.shape)})")
+    if unary.shape[0] < 1 or unary.shape[1] < 1 or unary.shape[2] < 1 or unary.shape[3] < 1:
+        raise ValueError(f"unary must not be empty, got shape {tuple(unary.shape)}")
+    if unary.device != image.device:
+        raise ValueError(f"unary is on {unary.device} but image is on {image.device}")
+    if parameter_device is not None and unary.device != parameter_device:
+        raise ValueError(f"unary is on {unary.device} but the layer's parameters are on {parameter_device}")
+    if not torch.isfinite(unary).all():
+        raise ValueError(f"unary {tuple(unary.shape)} contains NaN or Inf")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"image {tuple(image.shape)} contains NaN or Inf")
+
+
+def crf_rnn(
+    unary: torch.Tensor,
+    image: torch.Tensor,
+    spatial_weights: torch.Tensor,
+    bilateral_weights: torch.Tensor,
+    compatibility: torch.Tensor,
+    *,
+    num_iterations: int = 5,
+    theta_alpha: float = 160.0,
+    theta_beta: float = 3.0,
+    theta_gamma: float = 3.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean-field inference of the dense CRF, unrolled for ``num_iterations`` steps (functional form of :class:`CrfRnn`).
+
+    Per iteration: ``P = softmax(Q)``, ``S = n_s ⊙ K_s P``, ``B = n_b ⊙ K_b P`` with ``n = 1 / (K·1 + ε)``, and
+    ``Q = U − M @ (W_s @ S + W_b @ B)``, starting from ``Q = U``. The lattices are built once per call (one per image
+    for the bilateral kernel, one shared spatial lattice) and reused in every iteration and in backward.
+
+    Args:
+        unary: (B, C, H, W) unary scores (logits; higher means more likely).
+        image: (B, 3, H, W) the colours of the bilateral kernel, in the units of ``theta_beta`` (0..255 for photos).
+        spatial_weights: (C, C) spatial kernel weights W_s.
+        bilateral_weights: (C, C) bilateral kernel weights W_b.
+        compatibility: (C, C) label compatibility M (``-I`` is the Potts model).
+        num_iterations: mean-field iterations T >= 0; 0 returns ``unary``.
+        theta_alpha: positional bandwidth of the bilateral kernel, in pixels.
+        theta_beta: colour bandwidth of the bilateral kernel, in image units.
+        theta_gamma: bandwidth of the spatial kernel, in pixels.
+        backend: lattice back end (``"auto"``, ``"torch"`` or ``"numba"``).
+
+    Returns:
+        (B, C, H, W) unnormalised scores Q^T (apply a softmax for marginals).
+    """
+    _check_inputs(unary, image, None)
+    num_classes = unary.shape[1]
+    for name, m in (("spatial_weights", spatial_weights), ("bilateral_weights", bilateral_weights),
+                    ("compatibility", compatibility)):
+        if m.shape != (num_classes, num_classes):
+            raise ValueError(f"{name} must be ({num_classes}, {num_classes}) for {num_classes} classes, got {tuple(m.shape)}")
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
+        raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
+    theta_alpha = _check_positive("theta_alpha", theta_alpha)
+    theta_beta = _check_positive("theta_beta", theta_beta)
+    theta_gamma = _check_positive("theta_gamma", theta_gamma)
+    if num_iterations == 0:
+        return unary
+
+    b, c, h, w = unary.shape
+    dtype = unary.dtype
+    image = image.detach().to(dtype)
+    with torch.no_grad():
+        spatial = PermutohedralLattice(spatial_features(h, w, theta_gamma, like=image), backend=backend)
+        bilateral = PermutohedralLattice(bilateral_features(image, theta_alpha, theta_beta), backend=backend)
+        ones = unary.new_ones(1, h * w, 1)
+        norm_spatial = 1.0 / (spatial.filter_points(ones) + NORMALISER_EPS)  # (1, N, 1)
+        norm_bilateral = 1.0 / (bilateral.filter_points(ones.expand(b, h * w, 1)) + NORMALISER_EPS)  # (B, N, 1)
+
+    # Work in point layout (B, N, C): the lattices' native layout, and the matrices act on the last axis.
+    w_s = spatial_weights.to(dtype).t()
+    w_b = bilateral_weights.to(dtype).t()
+    m = compatibility.to(dtype).t()
+    u = unary.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    q = u
+    for _ in range(num_iterations):
+        p = F.softmax(q, dim=2)
+        s = spatial.filter_points(p) * norm_spatial
+        bf = bilateral.filter_points(p) * norm_bilateral
+        message = torch.matmul(s, w_s) + torch.matmul(bf, w_b)
+        q = u - torch.matmul(message, m)
+    return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class CrfRnn(nn.Module):
+    """CRF-RNN: mean-field inference of a fully connected CRF as a recurrent layer (Zheng et al., ICCV 2015).
+
+    Args:
+        num_classes: number of labels C.
+        num_iterations: mean-field iterations (5 in training and 10 at test in the paper; 0 returns the unary).
+        theta_alpha: positional bandwidth θα of the bilateral (appearance) kernel, in pixels.
+        theta_beta: colour bandwidth θβ of the bilateral kernel, in the units of ``image`` (0..255 for photos).
+        theta_gamma: bandwidth θγ of the spatial (smoothness) kernel, in pixels.
+        spatial_weight: initial diagonal of the spatial kernel weights W_s.
+        bilateral_weight: initial diagonal of the bilateral kernel weights W_b.
+        backend: lattice back end: ``"auto"`` (numba on CPU where installed, torch otherwise), ``"torch"``, ``"numba"``.
+
+    Parameters (learnable, float32, (C, C)): ``spatial_weights`` (init ``spatial_weight·I``), ``bilateral_weights``
+    (init ``bilateral_weight·I``) and ``compatibility`` (init ``−I``, the Potts model in the Caffe/paper sign
+    convention ``Q = U − M @ msg``). The bandwidths are fixed.
+
+    Shape:
+        - unary: (B, C, H, W) scores (logits).
+        - image: (B, 3, H, W) floating colours giving the bilateral features, in the units θβ refers to.
+        - output: (B, C, H, W) unnormalised scores (no softmax).
+
+    Example:
+        >>> crf = CrfRnn(num_classes=3, num_iterations=5)
+        >>> unary = torch.randn(2, 3, 20, 30)
+        >>> image = torch.rand(2, 3, 20, 30) * 255
+        >>> crf(unary, image).shape
+        torch.Size([2, 3, 20, 30])
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_iterations: int = 5,
+        *,
+        theta_alpha: float = 160.0,
+        theta_beta: float = 3.0,
+        theta_gamma: float = 3.0,
+        spatial_weight: float = 3.0,
+        bilateral_weight: float = 5.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
+            raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
+        if backend not in ("auto", "torch", "numba"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+        self.num_classes = num_classes
+        self.num_iterations = num_iterations
+        self.theta_alpha = _check_positive("theta_alpha", theta_alpha)
+        self.theta_beta = _check_positive("theta_beta", theta_beta)
+        self.theta_gamma = _check_positive("theta_gamma", theta_gamma)
+        self.backend = backend
+        eye = torch.eye(num_classes, dtype=torch.float32)
+        self.spatial_weights = nn.Parameter(float(spatial_weight) * eye)
+        self.bilateral_weights = nn.Parameter(float(bilateral_weight) * eye)
+        self.compatibility = nn.Parameter(-eye.clone())
+
+    def forward(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Run ``num_iterations`` mean-field steps; see :func:`crf_rnn`."""
+        _check_inputs(unary, image, self.num_classes, self.compatibility.device)
+        return crf_rnn(
+            unary,
+            image,
+            self.spatial_weights,
+            self.bilateral_weights,
+            self.compatibility,
+            num_iterations=self.num_iterations,
+            theta_alpha=self.theta_alpha,
+            theta_beta=self.theta_beta,
+            theta_gamma=self.theta_gamma,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, theta_alpha={self.theta_alpha}, "
+            f"theta_beta={self.theta_beta}, theta_gamma={self.theta_gamma}"
+        )

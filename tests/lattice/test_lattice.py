@@ -1,0 +1,253 @@
+"""The permutohedral lattice: reference case, exact Gaussian on tiny inputs, transpose, batching, back ends, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import pixel_grid
+
+from crfasrnn import PermutohedralLattice, permutohedral_filter
+from crfasrnn.lattice import numba_available
+
+
+def _features_nchw(points_hwd: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(points_hwd).permute(2, 0, 1)[None].contiguous().to(device)
+
+
+def _random_features(batch: int, d: int, height: int, width: int, dtype, device, seed: int = 0) -> torch.Tensor:
+    """Positions over a bandwidth plus random 'colours': a realistic, sparse lattice."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = pixel_grid(height, width, dtype)
+    pos = torch.stack([xs, ys])[: min(d, 2)] / 2.5
+    rest = torch.rand(batch, max(d - 2, 0), height, width, generator=g, dtype=dtype) * 6
+    return torch.cat([pos[None].expand(batch, -1, -1, -1), rest], dim=1).to(device)
+
+
+# --- the reference case ---------------------------------------------------------------------------------------------
+
+CASE_D_KEYS = ["out_raw", "out_reverse_raw", "out_raw_2ch", "ones_raw"]
+
+
+@pytest.mark.parametrize("tag", ["bilateral", "spatial"])
+@pytest.mark.parametrize("key", CASE_D_KEYS)
+def test_reference_case_d(case_d, device_backend, tag, key):
+    """Reproduces the PyTorch port's raw lattice filter (produced by running it; see tests/reference/README.md)."""
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_features_nchw(case_d[f"features_{tag}"], device), backend=backend)
+    values = torch.from_numpy(case_d["values"])[None].to(device)
+    if key == "out_raw_2ch":
+        values = values[:, :2].contiguous()
+    if key == "ones_raw":
+        values = torch.ones(1, 1, 50, 60, device=device)
+    out = lattice.filter(values, reverse=(key == "out_reverse_raw"))[0].cpu().numpy()
+    expected = case_d[f"{tag}_{key}"].reshape(out.shape)
+    err = np.abs(out - expected)
+    assert err.max() < 1e-3 and err.mean() < 1e-5, (err.max(), err.mean())
+    # in fact the lattice is rebuilt bit-exactly: only the float32 summation order may differ by a few ULP
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tag", ["bilateral", "spatial"])
+def test_reference_normalised(case_d, tag):
+    lattice = PermutohedralLattice(_features_nchw(case_d[f"features_{tag}"], "cpu"))
+    values = torch.from_numpy(case_d["values"])[None]
+    norm = 1.0 / (lattice.filter(torch.ones(1, 1, 50, 60)) + float(case_d["eps"]))
+    out = (lattice.filter(values) * norm)[0].numpy()
+    np.testing.assert_allclose(out, case_d[f"{tag}_out_normalized"], rtol=1e-5, atol=1e-5)
+
+
+# --- against the exact Gaussian ---------------------------------------------------------------------------------------
+
+def _exact_normalised(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Brute force: sum_j exp(-|f_i - f_j|^2 / 2) v_j / sum_j exp(-|f_i - f_j|^2 / 2), in float64."""
+    b, c, h, w = values.shape
+    f = features.reshape(b, features.shape[1], h * w).transpose(1, 2).double()
+    k = torch.exp(-0.5 * torch.cdist(f, f) ** 2)
+    out = torch.einsum("bij,bcj->bci", k, values.reshape(b, c, h * w).double()) / k.sum(dim=2)[:, None]
+    return out.reshape(b, c, h, w)
+
+
+# (d, height, width, bound on the mean error, bound on the max error). Measured lattice errors (mean, max) with these
+# seeds: d=1 (0.005, 0.019), d=2 theta=1 (0.007, 0.046), d=2 theta=3 (0.003, 0.013), d=3 (0.008, 0.030),
+# d=5 (0.014, 0.15); a filter that does nothing (identity) is off by about 0.21 on average.
+BRUTE_FORCE_CASES = [
+    ("d1", 1, 1, 30, 0.01, 0.04),
+    ("d2-theta1", 2, 9, 11, 0.015, 0.08),
+    ("d2-theta3", 2, 20, 25, 0.006, 0.03),
+    ("d3", 3, 8, 9, 0.015, 0.06),
+    ("d5", 5, 12, 14, 0.025, 0.25),
+]
+
+
+@pytest.mark.parametrize("name,d,height,width,mean_bound,max_bound", BRUTE_FORCE_CASES, ids=[c[0] for c in BRUTE_FORCE_CASES])
+def test_normalised_filter_approximates_exact_gaussian(device_backend, name, d, height, width, mean_bound, max_bound):
+    device, backend = device_backend
+    g = torch.Generator().manual_seed(1)
+    xs, ys = pixel_grid(height, width, torch.float64)
+    if d == 1:
+        feats = (xs / 2.0)[None, None]
+    elif d == 2:
+        theta = 1.0 if name == "d2-theta1" else 3.0
+        feats = torch.stack([xs, ys])[None] / theta
+    elif d == 3:
+        feats = torch.cat([torch.stack([xs, ys]) / 2.0, torch.rand(1, height, width, generator=g, dtype=torch.float64) * 3])[None]
+    else:
+        colours = torch.rand(3, height, width, generator=g, dtype=torch.float64) * 255
+        feats = torch.cat([torch.stack([xs, ys]) / 5.0, colours / 60.0])[None]
+    values = torch.rand(1, 3, height, width, generator=g, dtype=torch.float64)
+    feats, values = feats.to(device), values.to(device)
+    lattice = PermutohedralLattice(feats, backend=backend)
+    approx = lattice.filter(values) / lattice.filter(torch.ones_like(values[:, :1]))
+    exact = _exact_normalised(values, feats)
+    err = (approx - exact).abs()
+    identity_err = (values - exact).abs().mean()
+    assert err.mean() < mean_bound, err.mean()
+    assert err.max() < max_bound, err.max()
+    assert err.mean() < 0.12 * identity_err  # the lattice really filters
+
+
+def test_bandwidth_is_one_feature_unit():
+    """A delta spreads with a standard deviation of about theta pixels (SPEC §2.2)."""
+    theta = 3.0
+    xs, ys = pixel_grid(41, 41)
+    lattice = PermutohedralLattice(torch.stack([xs, ys])[None] / theta)
+    delta = torch.zeros(1, 1, 41, 41)
+    delta[0, 0, 20, 20] = 1.0
+    response = lattice.filter(delta)[0, 0].double()
+    weights = response / response.sum()
+    std_x = torch.sqrt((weights * (xs.double() - 20) ** 2).sum())
+    assert 0.95 * theta < std_x < 1.1 * theta
+
+
+# --- linear-algebra properties ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [2, 5])
+def test_reverse_is_the_transpose(device_backend, dtype, d):
+    device, backend = device_backend
+    feats = _random_features(1, d, 13, 17, dtype, device)
+    lattice = PermutohedralLattice(feats, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 13, 17, generator=g, dtype=dtype).to(device)
+    y = torch.randn(1, 2, 13, 17, generator=g, dtype=dtype).to(device)
+    lhs = (lattice.filter(x) * y).sum()
+    rhs = (x * lattice.filter(y, reverse=True)).sum()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert abs(lhs - rhs) <= tol * abs(lhs).clamp(min=1.0)
+    # and the filter itself is not symmetric: the axis blurs do not commute
+    assert (lattice.filter(x) - lattice.filter(x, reverse=True)).abs().max() > 1e-3
+
+
+def test_filter_is_linear(device_backend):
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_random_features(1, 5, 9, 10, torch.float64, device), backend=backend)
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(1, 3, 9, 10, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    torch.testing.assert_close(lattice.filter(2.0 * x - 3.0 * y), 2.0 * lattice.filter(x) - 3.0 * lattice.filter(y))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck(device_backend, reverse):
+    device, backend = device_backend
+    feats = _random_features(2, 3, 4, 5, torch.float64, device)
+    values = torch.randn(2, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: permutohedral_filter(v, feats, reverse=reverse, backend=backend), (values,))
+    assert torch.autograd.gradgradcheck(lambda v: permutohedral_filter(v, feats, reverse=reverse, backend=backend), (values,))
+
+
+# --- shapes, batches and back ends ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 1, 7), (2, 3, 5, 1), (3, 4, 7, 11)], ids=str)
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_any_shape(device_backend, dtype, shape, d):
+    device, backend = device_backend
+    b, c, h, w = shape
+    feats = _random_features(b, d, h, w, dtype, device)
+    values = torch.rand(b, c, h, w, dtype=dtype, device=device)
+    out = permutohedral_filter(values, feats, backend=backend)
+    assert out.shape == values.shape and out.dtype == dtype and out.device.type == device.type
+    assert torch.isfinite(out).all()
+    # positive values stay positive, and a lone point only sees itself: weight sum_r b_r^2 * alpha <= 1
+    assert (out > 0).all()
+    if h * w == 1:
+        assert (out <= values + 1e-6).all()
+
+
+def test_batch_equals_loop(device_backend, dtype):
+    device, backend = device_backend
+    feats = _random_features(3, 5, 11, 9, dtype, device, seed=7)
+    values = torch.randn(3, 4, 11, 9, dtype=dtype, device=device)
+    batched = PermutohedralLattice(feats, backend=backend).filter(values)
+    for i in range(3):
+        alone = PermutohedralLattice(feats[i : i + 1], backend=backend).filter(values[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_lattice_filters_every_image(device_backend):
+    device, backend = device_backend
+    xs, ys = pixel_grid(8, 13, device=device)
+    lattice = PermutohedralLattice(torch.stack([xs, ys])[None] / 3.0, backend=backend)
+    values = torch.randn(4, 3, 8, 13, device=device)
+    shared = lattice.filter(values)
+    for i in range(4):
+        torch.testing.assert_close(shared[i : i + 1], lattice.filter(values[i : i + 1]))
+
+
+def test_filter_points_matches_filter(device_backend):
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_random_features(2, 5, 6, 7, torch.float32, device), backend=backend)
+    values = torch.randn(2, 3, 6, 7, device=device)
+    points = values.permute(0, 2, 3, 1).reshape(2, 42, 3)
+    out = lattice.filter_points(points).reshape(2, 6, 7, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, lattice.filter(values))
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("integer_grid", [False, True], ids=["random", "ties"])
+def test_numba_and_torch_paths_agree(dtype, d, integer_grid):
+    """The CPU (numba) and CUDA (torch) constructions give the same lattice, ties in the rank included."""
+    feats = _random_features(2, d, 15, 12, dtype, "cpu", seed=d)
+    if integer_grid:  # exact ties between coordinates, and rounding at exactly .5
+        feats = torch.round(feats * 2) / 2
+    values = torch.randn(2, 3, 15, 12, dtype=dtype)
+    a = PermutohedralLattice(feats, backend="numba")
+    b = PermutohedralLattice(feats, backend="torch")
+    assert a.num_vertices == b.num_vertices
+    for reverse in (False, True):
+        torch.testing.assert_close(a.filter(values, reverse=reverse), b.filter(values, reverse=reverse))
+
+
+def test_lattice_is_reused_without_rebuilding():
+    feats = _random_features(1, 5, 10, 10, torch.float32, "cpu")
+    lattice = PermutohedralLattice(feats)
+    first = lattice.filter(torch.ones(1, 1, 10, 10))
+    for _ in range(3):
+        torch.testing.assert_close(lattice.filter(torch.ones(1, 1, 10, 10)), first, rtol=0, atol=0)
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+
+def test_errors_name_the_problem():
+    feats = torch.rand(1, 2, 4, 5)
+    with pytest.raises(ValueError, match=r"\(B, d, H, W\).*\(2, 4, 5\)"):
+        PermutohedralLattice(feats[0])
+    with pytest.raises(TypeError, match="floating"):
+        PermutohedralLattice(torch.ones(1, 2, 4, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="NaN"):
+        PermutohedralLattice(torch.full((1, 2, 4, 5), float("nan")))
+    with pytest.raises(ValueError, match="backend"):
+        PermutohedralLattice(feats, backend="fortran")
+    with pytest.raises(ValueError, match="too small"):
+        PermutohedralLattice(torch.rand(1, 5, 4, 5) * 1e7)
+    lattice = PermutohedralLattice(feats)
+    with pytest.raises(ValueError, match=r"\(B, C, 4, 5\).*\(1, 3, 5, 4\)"):
+        lattice.filter(torch.rand(1, 3, 5, 4))
+    with pytest.raises(TypeError, match="float64.*float32"):
+        lattice.filter(torch.rand(1, 3, 4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"batch 2 .*expected \(2, 20, C\)"):
+        PermutohedralLattice(torch.rand(2, 2, 4, 5)).filter(torch.rand(3, 1, 4, 5))
+    with pytest.raises(ValueError, match="batch size"):
+        permutohedral_filter(torch.rand(2, 1, 4, 5), feats)
+    with pytest.raises(TypeError, match="dtype"):
+        permutohedral_filter(torch.rand(1, 1, 4, 5, dtype=torch.float64), feats)

@@ -204,18 +204,21 @@ def main() -> None:
                "numba_available": numba, "crfasrnn": getattr(crfasrnn, "__version__", "?")}
     print(f"CRF-RNN benchmark: {SIZE[0]}x{SIZE[1]}, {NUM_CLASSES} classes, {NUM_ITERATIONS} iterations, "
           f"device {args.device}, {args.repeats} repeats", flush=True)
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
+        print(f"note: load average {os.getloadavg()[0]:.2f} before the start: other processes may skew the timings")
 
-    r["fwd_first_s"], runs = bench_ours(SIZE, args.device, args.repeats, backward=False)
-    r["fwd_s"] = statistics.median(runs)
-    r["fwdbwd_first_s"], runs = bench_ours(SIZE, args.device, args.repeats, backward=True)
-    r["fwdbwd_s"] = statistics.median(runs)
-    r["fwd_large_s"] = statistics.median(bench_ours(LARGE, args.device, args.repeats, backward=False)[1])
+    r["fwd_first_s"], r["fwd_runs_s"] = bench_ours(SIZE, args.device, args.repeats, backward=False)
+    r["fwdbwd_first_s"], r["fwdbwd_runs_s"] = bench_ours(SIZE, args.device, args.repeats, backward=True)
+    r["fwd_large_first_s"], r["fwd_large_runs_s"] = bench_ours(LARGE, args.device, args.repeats, backward=False)
+    for key in ("fwd", "fwdbwd", "fwd_large"):
+        r[f"{key}_s"] = statistics.median(r[f"{key}_runs_s"])
     r["peer_s"] = None
     if args.no_peer:
         print("note: --no-peer given, pydensecrf skipped")
     else:
         try:
-            r["peer_s"] = statistics.median(bench_peer(SIZE, args.repeats))
+            r["peer_runs_s"] = bench_peer(SIZE, args.repeats)
+            r["peer_s"] = statistics.median(r["peer_runs_s"])
         except ImportError as exc:
             print(f"note: pydensecrf not importable ({exc}); peer skipped (make bench-setup installs it)")
     for mode in ("no_grad", "grad", "fwd_bwd"):

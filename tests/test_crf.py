@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from crfasrnn import CrfRnn, PermutohedralLattice, crf_rnn
-from crfasrnn.crf import NORMALISER_EPS, bilateral_features, spatial_features
+from crfasrnn.crf import bilateral_features, spatial_features
+from crfasrnn.lattice import NORMALISER_EPS
 
 
 def _reference_layer(case, num_iterations: int, backend: str = "auto", device="cpu") -> CrfRnn:

@@ -34,11 +34,23 @@ try:  # numba is optional: the torch path is used without it
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     _numba = None
 
-__all__ = ["PermutohedralLattice", "permutohedral_filter", "numba_available"]
+__all__ = ["PermutohedralLattice", "permutohedral_filter", "numba_available", "all_finite", "NORMALISER_EPS"]
+
+#: Added to the filtered all-ones image before inverting it (the PyTorch port's ``np.finfo(float).eps``; Caffe uses
+#: 1e-20, which makes no difference in float32 since the response is at least about 0.3).
+NORMALISER_EPS = 2.220446049250313e-16
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "numba"]
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf (one reduction pass, no tensor-sized temporary)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def numba_available() -> bool:
@@ -81,7 +93,7 @@ class PermutohedralLattice:
         batch, d, height, width = features.shape
         if batch < 1 or d < 1 or height < 1 or width < 1:
             raise ValueError(f"features must have B, d, H, W >= 1, got shape {tuple(features.shape)}")
-        if not torch.isfinite(features).all():
+        if not all_finite(features):
             raise ValueError("features contain NaN or Inf")
         if backend not in ("auto", "torch", "numba"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
@@ -100,19 +112,33 @@ class PermutohedralLattice:
             self._structure = _numba.build_lattice(points)
         else:
             self._structure = build_lattice(points)
+        self._normalizer: torch.Tensor | None = None
 
     @property
     def num_vertices(self) -> int:
         """Number of lattice vertices (over the whole batch)."""
         return self._structure.num_vertices
 
-    def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-        """Filter values through the lattice (unnormalised), differentiably with respect to ``values``.
+    @property
+    def normalizer(self) -> torch.Tensor:
+        """(B, H·W, 1) per-pixel normaliser ``1 / (K·1 + ε)``, computed on first use and kept (ε = 2.22e-16)."""
+        if self._normalizer is None:
+            b = self.batch_size
+            ones = torch.ones(b * self.size[0] * self.size[1], 1, dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                response = self._filter_flat(ones, False, None, None)
+            self._normalizer = (1.0 / (response + NORMALISER_EPS)).reshape(b, -1, 1)
+        return self._normalizer
+
+    def filter(self, values: torch.Tensor, reverse: bool = False, normalize: bool = False) -> torch.Tensor:
+        """Filter values through the lattice, differentiably with respect to ``values``.
 
         Args:
             values: (B, C, H, W) tensor with the lattice's dtype, device and size; B must equal the lattice's batch
                 size, or the lattice must have batch size 1 (then it filters every image of ``values``).
             reverse: blur the lattice axes in reverse order, which applies the transpose of the forward filter.
+            normalize: divide the result per pixel by the filtered all-ones image (see :attr:`normalizer`), so that
+                the weights at each pixel sum to about one: ``n ⊙ K v``.
 
         Returns:
             (B, C, H, W) filtered values.
@@ -126,20 +152,40 @@ class PermutohedralLattice:
             )
         b, c, h, w = values.shape
         points = values.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        return self.filter_points(points, reverse).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.filter_points(points, reverse, normalize).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
-    def filter_points(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    def filter_points(
+        self,
+        values: torch.Tensor,
+        reverse: bool = False,
+        normalize: bool = False,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Like :meth:`filter`, for values in point layout (channels last), which avoids two transpositions.
 
         Args:
             values: (B, H·W, C) values; pixel ``y·W + x`` of image b is row ``values[b, y·W + x]``.
             reverse: blur the lattice axes in reverse order (the transpose).
+            normalize: multiply the result by :attr:`normalizer`.
+            out: optional contiguous tensor shaped like ``values`` to write the result into (not differentiable:
+                only where no gradient is needed, to reuse memory across calls).
 
         Returns:
-            (B, H·W, C) filtered values.
+            (B, H·W, C) filtered values (``out`` when given).
         """
         self._check_points(values)
-        return _LatticeFilter.apply(values, self, reverse)
+        post = self.normalizer if normalize else None
+        if out is None:
+            return _LatticeFilter.apply(values, self, reverse, None, post)
+        if out.shape != values.shape or out.dtype != values.dtype or out.device != values.device:
+            raise ValueError(f"out must match values {tuple(values.shape)} {values.dtype}, got {tuple(out.shape)} {out.dtype}")
+        if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
+            raise RuntimeError("filter_points(out=...) does not support autograd; call it without out= to differentiate")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        self._apply(values, reverse, None, post, out=out)
+        return out
 
     def _check_points(self, values: torch.Tensor) -> None:
         if not isinstance(values, torch.Tensor):
@@ -161,32 +207,54 @@ class PermutohedralLattice:
                 f"size {self.size} (expected ({self.batch_size}, {num_points}, C))"
             )
 
-    def _apply(self, values: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """Non-differentiable filtering of (B, N, C) values."""
+    def _apply(
+        self,
+        values: torch.Tensor,
+        reverse: bool,
+        pre: torch.Tensor | None,
+        post: torch.Tensor | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Non-differentiable ``post ⊙ K (pre ⊙ values)`` of (B, N, C) values; pre/post are (B_lattice, N, 1)."""
         b, n, c = values.shape
         if self.batch_size == 1 and b > 1:  # one shared lattice: fold the batch into channels
             points = values.permute(1, 0, 2).reshape(n, b * c)
-            return self._filter_flat(points, reverse).reshape(n, b, c).permute(1, 0, 2).contiguous()
-        return self._filter_flat(values.reshape(b * n, c), reverse).reshape(b, n, c)
+            result = self._filter_flat(points, reverse, pre, post).reshape(n, b, c).permute(1, 0, 2)
+            return result.contiguous() if out is None else out.copy_(result)
+        flat_out = None if out is None else out.view(b * n, c)
+        return self._filter_flat(values.reshape(b * n, c), reverse, pre, post, flat_out).view(b, n, c)
 
-    def _filter_flat(self, points: torch.Tensor, reverse: bool) -> torch.Tensor:
+    def _filter_flat(
+        self,
+        points: torch.Tensor,
+        reverse: bool,
+        pre: torch.Tensor | None,
+        post: torch.Tensor | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        pre = None if pre is None else pre.reshape(-1)
+        post = None if post is None else post.reshape(-1)
         if self.backend == "numba":
-            return _numba.filter_points(self._structure, points.contiguous(), reverse)
-        return _torch.filter_points(self._structure, points, reverse)
+            return _numba.filter_points(self._structure, points.contiguous(), reverse, pre, post, out)
+        result = _torch.filter_points(self._structure, points, reverse, pre, post)
+        return result if out is None else out.copy_(result)
 
 
 class _LatticeFilter(torch.autograd.Function):
-    """K v forward; the transpose K^T (reverse blur order) backward. Twice differentiable."""
+    """``post ⊙ K (pre ⊙ v)`` forward; its transpose ``pre ⊙ Kᵀ (post ⊙ g)`` backward. Twice differentiable.
+
+    ``K`` blurs the axes in forward order and ``Kᵀ`` in reverse order; the scales are per-pixel constants.
+    """
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, lattice: PermutohedralLattice, reverse: bool) -> torch.Tensor:
-        ctx.lattice = lattice
-        ctx.reverse = reverse
-        return lattice._apply(values, reverse)
+    def forward(ctx, values, lattice, reverse, pre, post):
+        ctx.lattice, ctx.reverse, ctx.pre, ctx.post = lattice, reverse, pre, post
+        return lattice._apply(values, reverse, pre, post)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse), None, None
+    def backward(ctx, grad):
+        grad_values = _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse, ctx.post, ctx.pre)
+        return grad_values, None, None, None, None
 
 
 def permutohedral_filter(

@@ -14,7 +14,8 @@ seconds per dtype); later processes load the machine code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -50,12 +51,66 @@ class NumbaLattice:
     splat_weights: np.ndarray
     num_vertices: int
     dim: int
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _buffers: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def workspace(self, num_channels: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Two (M+1, C) value buffers for splat and blur, allocated once and reused (hold :attr:`lock`).
+
+        Reusing them matters: fresh multi-megabyte buffers are new pages for the kernel to fault in on every call.
+        """
+        key = (num_channels, np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers.clear()  # keep one size only: a lattice is filtered with one channel count at a time
+            shape = (self.num_vertices + 1, num_channels)
+            self._buffers[key] = (np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype))
+        return self._buffers[key]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _elevate(features, p, scale, consts, el):  # pragma: no cover - compiled
+    """Elevation of point p onto the hyperplane (SPEC §3.1 step 3), in the reference's operation order."""
+    d = features.shape[1]
+    sm = consts[0]
+    for j in range(d, 0, -1):
+        cf = features[p, j - 1] * scale[j - 1]
+        el[j] = sm - consts[3 + j] * cf
+        sm = sm + cf
+    el[0] = sm
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _simplex_keys(features, scale, consts, keys, weights):  # pragma: no cover - compiled
-    """Per point: elevation, remainder-0 point, rank, barycentric weights and the d+1 vertex keys (SPEC §3.1 3-8).
+def _elevation_range(features, scale, consts):  # pragma: no cover - compiled
+    """Floor of the minimum and ceiling of the maximum of each of the first d elevated coordinates."""
+    num_points, d = features.shape
+    chunks = 64
+    step = (num_points + chunks - 1) // chunks
+    lows = np.empty((chunks, d), dtype=np.float64)
+    highs = np.empty((chunks, d), dtype=np.float64)
+    for ch in numba.prange(chunks):
+        el = np.empty(d + 1, dtype=features.dtype)
+        for k in range(d):
+            lows[ch, k] = np.inf
+            highs[ch, k] = -np.inf
+        for p in range(ch * step, min(num_points, (ch + 1) * step)):
+            _elevate(features, p, scale, consts, el)
+            for k in range(d):
+                lows[ch, k] = min(lows[ch, k], el[k])
+                highs[ch, k] = max(highs[ch, k], el[k])
+    low = np.empty(d, dtype=np.int64)
+    high = np.empty(d, dtype=np.int64)
+    for k in range(d):
+        low[k] = np.int64(np.floor(lows[:, k].min()))
+        high[k] = np.int64(np.ceil(highs[:, k].max()))
+    return low, high
 
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _simplex_codes(features, scale, consts, low, strides, image_stride, points_per_image, codes, weights):  # pragma: no cover - compiled
+    """Per point: remainder-0 point, rank, barycentric weights and the integer codes of the d+1 simplex vertices.
+
+    SPEC §3.1 steps 3-8; the vertex key ``k`` (d coordinates) is coded as
+    ``sum_k (key[k] - low[k]) * strides[k] + image * image_stride``.
     ``consts`` holds, in the features' dtype: [0] = 0, [1] = 1, [2] = 1/(d+1), [3 + j] = j for j = 0..d.
     """
     num_points, d = features.shape
@@ -63,50 +118,53 @@ def _simplex_keys(features, scale, consts, keys, weights):  # pragma: no cover -
     zero = consts[0]
     one = consts[1]
     inv = consts[2]
-    for p in numba.prange(num_points):
+    chunk = 1024
+    for ch in numba.prange((num_points + chunk - 1) // chunk):
         el = np.empty(d1, dtype=features.dtype)
         rem0 = np.empty(d1, dtype=np.int64)
         rem0f = np.empty(d1, dtype=features.dtype)  # the same integers, for float arithmetic in the features' dtype
-        rank = np.zeros(d1, dtype=np.int64)
-        sm = zero
-        for j in range(d, 0, -1):
-            cf = features[p, j - 1] * scale[j - 1]
-            el[j] = sm - consts[3 + j] * cf
-            sm = sm + cf
-        el[0] = sm
-        total = 0
-        for i in range(d1):
-            v = np.rint(el[i] * inv)
-            rem0[i] = np.int64(v) * d1
-            rem0f[i] = rem0[i]
-            total += np.int64(v)
-        for i in range(d1):
-            di = el[i] - rem0f[i]
-            for j in range(i + 1, d1):
-                if di < el[j] - rem0f[j]:
-                    rank[i] += 1
-                else:
-                    rank[j] += 1
-        for i in range(d1):
-            rank[i] += total
-            if rank[i] < 0:
-                rank[i] += d1
-                rem0[i] += d1
-            elif rank[i] > d:
-                rank[i] -= d1
-                rem0[i] -= d1
-            rem0f[i] = rem0[i]
-        b = np.zeros(d1 + 1, dtype=features.dtype)
-        for i in range(d1):
-            t = (el[i] - rem0f[i]) * inv
-            b[d - rank[i]] += t
-            b[d - rank[i] + 1] -= t
-        b[0] += one + b[d1]
-        for r in range(d1):
-            weights[p, r] = b[r]
-            for k in range(d):
-                c = r if rank[k] <= d - r else r - d1
-                keys[p, r, k] = rem0[k] + c
+        rank = np.empty(d1, dtype=np.int64)
+        b = np.empty(d1 + 1, dtype=features.dtype)
+        for p in range(ch * chunk, min(num_points, (ch + 1) * chunk)):
+            _elevate(features, p, scale, consts, el)
+            total = 0
+            for i in range(d1):
+                v = np.rint(el[i] * inv)
+                rem0[i] = np.int64(v) * d1
+                rem0f[i] = rem0[i]
+                rank[i] = 0
+                total += np.int64(v)
+            for i in range(d1):
+                di = el[i] - rem0f[i]
+                for j in range(i + 1, d1):
+                    if di < el[j] - rem0f[j]:
+                        rank[i] += 1
+                    else:
+                        rank[j] += 1
+            for i in range(d1):
+                rank[i] += total
+                if rank[i] < 0:
+                    rank[i] += d1
+                    rem0[i] += d1
+                elif rank[i] > d:
+                    rank[i] -= d1
+                    rem0[i] -= d1
+                rem0f[i] = rem0[i]
+            for i in range(d1 + 1):
+                b[i] = zero
+            for i in range(d1):
+                t = (el[i] - rem0f[i]) * inv
+                b[d - rank[i]] += t
+                b[d - rank[i] + 1] -= t
+            b[0] += one + b[d1]
+            base = (p // points_per_image) * image_stride
+            for r in range(d1):
+                weights[p, r] = b[r]
+                code = base
+                for k in range(d):
+                    c = r if rank[k] <= d - r else r - d1
+                    code += (rem0[k] + c - low[k]) * strides[k]
+                codes[p, r] = code
 
 
 @numba.njit(cache=True, nogil=True)
@@ -115,59 +173,54 @@ def _hash_slot(code, mask, shift):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_all(codes, offsets_flat, num_entries):  # pragma: no cover - compiled
-    """Assign vertex ids in first-insertion order; returns the table and the unique codes."""
+def _insert_all(codes, offsets):  # pragma: no cover - compiled
+    """Assign vertex ids in first-insertion order (point by point, remainder by remainder).
+
+    Returns the hash table (codes and ids), the unique codes in id order and the table's size in bits.
+    """
+    num_points, d1 = codes.shape
     bits = 10
-    while (np.int64(1) << bits) < 2 * min(num_entries, 1 << 16):
+    while (np.int64(1) << bits) < min(2 * num_points * d1, 1 << 18):
         bits += 1
     capacity = np.int64(1) << bits
     table_codes = np.full(capacity, _EMPTY, dtype=np.int64)
     table_ids = np.empty(capacity, dtype=np.int32)
-    unique = np.empty(64, dtype=np.int64)
+    unique = np.empty(1024, dtype=np.int64)
     count = 0
-    last_code = _EMPTY
-    last_id = 0
-    d1 = codes.shape[1]
-    for p in range(codes.shape[0]):
+    for p in range(num_points):
         for r in range(d1):
             code = codes[p, r]
-            if r == 0 and code == last_code:  # neighbouring pixels often share their simplex
-                offsets_flat[p * d1 + r] = last_id
+            if p > 0 and code == codes[p - 1, r]:  # neighbouring pixels often share their simplex
+                offsets[p, r] = offsets[p - 1, r]
                 continue
             mask = capacity - 1
-            shift = np.uint64(64 - bits)
-            s = _hash_slot(code, mask, shift)
+            s = _hash_slot(code, mask, np.uint64(64 - bits))
             while table_codes[s] != _EMPTY and table_codes[s] != code:
                 s = (s + 1) & mask
             if table_codes[s] == code:
-                vid = table_ids[s]
-            else:
-                vid = count
-                table_codes[s] = code
-                table_ids[s] = vid
-                if count == unique.shape[0]:
-                    grown = np.empty(2 * unique.shape[0], dtype=np.int64)
-                    grown[:count] = unique[:count]
-                    unique = grown
-                unique[count] = code
-                count += 1
-                if 2 * count >= capacity:  # grow and rehash
-                    bits += 1
-                    capacity = np.int64(1) << bits
-                    mask = capacity - 1
-                    shift = np.uint64(64 - bits)
-                    table_codes = np.full(capacity, _EMPTY, dtype=np.int64)
-                    table_ids = np.empty(capacity, dtype=np.int32)
-                    for u in range(count):
-                        s2 = _hash_slot(unique[u], mask, shift)
-                        while table_codes[s2] != _EMPTY:
-                            s2 = (s2 + 1) & mask
-                        table_codes[s2] = unique[u]
-                        table_ids[s2] = u
-            offsets_flat[p * d1 + r] = vid
-            if r == 0:
-                last_code = code
-                last_id = vid
+                offsets[p, r] = table_ids[s]
+                continue
+            offsets[p, r] = count
+            table_codes[s] = code
+            table_ids[s] = count
+            if count == unique.shape[0]:
+                grown = np.empty(2 * unique.shape[0], dtype=np.int64)
+                grown[:count] = unique[:count]
+                unique = grown
+            unique[count] = code
+            count += 1
+            if 2 * count >= capacity:  # grow and rehash
+                bits += 1
+                capacity = np.int64(1) << bits
+                mask = capacity - 1
+                table_codes = np.full(capacity, _EMPTY, dtype=np.int64)
+                table_ids = np.empty(capacity, dtype=np.int32)
+                for u in range(count):
+                    s2 = _hash_slot(unique[u], mask, np.uint64(64 - bits))
+                    while table_codes[s2] != _EMPTY:
+                        s2 = (s2 + 1) & mask
+                    table_codes[s2] = unique[u]
+                    table_ids[s2] = u
     return table_codes, table_ids, unique[:count], bits
 
 
@@ -225,13 +278,14 @@ def build_lattice(points: torch.Tensor) -> NumbaLattice:
     scale = np.array(scale_factors(d), dtype=dtype)
     consts = np.array([0.0, 1.0, 0.0] + list(range(d + 1)), dtype=dtype)
     consts[2] = dtype.type(1.0) / dtype.type(d + 1)
-    keys = np.empty((batch * num_points, d + 1, d), dtype=np.int64)
-    weights = np.empty((batch * num_points, d + 1), dtype=dtype)
-    _simplex_keys(feats, scale, consts, keys, weights)
 
-    pad = d + 1
-    low = keys.min(axis=(0, 1)) - pad
-    spans = (keys.max(axis=(0, 1)) - low + pad + 1).tolist()
+    # A vertex key coordinate lies within 1.5(d+1) + d of the point's elevated coordinate (rounding to a multiple of
+    # d+1, the wrap-around of step 6 and the canonical offset); a further d+1 on each side keeps the codes of blur
+    # neighbours (shifts of at most d+1) inside the range, so that they can never alias another key.
+    margin = 3 * (d + 1) + d
+    el_low, el_high = _elevation_range(feats, scale, consts)
+    low = el_low - margin
+    spans = (el_high + margin - low + 1).tolist()
     strides = [1] * d
     acc = 1
     for k in range(d - 1, -1, -1):
@@ -243,13 +297,12 @@ def build_lattice(points: torch.Tensor) -> NumbaLattice:
             f"scaled by a bandwidth (theta) that is far too small"
         )
     stride_arr = np.array(strides, dtype=np.int64)
-    codes = (keys - low) @ stride_arr
-    codes += (np.arange(batch, dtype=np.int64) * acc).repeat(num_points)[:, None]
-    del keys
+    codes = np.empty((batch * num_points, d + 1), dtype=np.int64)
+    weights = np.empty((batch * num_points, d + 1), dtype=dtype)
+    _simplex_codes(feats, scale, consts, low, stride_arr, acc, num_points, codes, weights)
 
-    offsets = np.empty(batch * num_points * (d + 1), dtype=np.int32)
-    table_codes, table_ids, unique, bits = _insert_all(codes, offsets, codes.size)
-    offsets = offsets.reshape(batch * num_points, d + 1)
+    offsets = np.empty((batch * num_points, d + 1), dtype=np.int32)
+    table_codes, table_ids, unique, bits = _insert_all(codes, offsets)
     num_vertices = unique.shape[0]
 
     all_ones = int(stride_arr.sum())
@@ -265,15 +318,17 @@ def build_lattice(points: torch.Tensor) -> NumbaLattice:
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _splat(values, start, points, entry_weights, grid):  # pragma: no cover - compiled
+def _splat(values, start, points, entry_weights, pre_scale, grid):  # pragma: no cover - compiled
+    """grid[v] = sum over v's entries of weight * pre_scale[point] * values[point] (pre_scale empty: 1)."""
     num_vertices = start.shape[0] - 1
     num_channels = values.shape[1]
+    scaled = pre_scale.shape[0] > 0
     for v in numba.prange(num_vertices):
         for c in range(num_channels):
             grid[v, c] = 0.0
         for e in range(start[v], start[v + 1]):
             p = points[e]
-            w = entry_weights[e]
+            w = entry_weights[e] * pre_scale[p] if scaled else entry_weights[e]
             for c in range(num_channels):
                 grid[v, c] += w * values[p, c]
     for c in range(num_channels):
@@ -291,8 +346,10 @@ def _blur(src, dst, n1, n2, half):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _slice(grid, offsets, weights, alpha, out):  # pragma: no cover - compiled
+def _slice(grid, offsets, weights, alpha, post_scale, out):  # pragma: no cover - compiled
+    """out[i] = post_scale[i] * sum_r (weights[i, r] * alpha) * grid[offsets[i, r]] (post_scale empty: 1)."""
     num_points, num_channels = out.shape
+    scaled = post_scale.shape[0] > 0
     for i in numba.prange(num_points):
         for c in range(num_channels):
             out[i, c] = 0.0
@@ -301,21 +358,35 @@ def _slice(grid, offsets, weights, alpha, out):  # pragma: no cover - compiled
             w = weights[i, r] * alpha
             for c in range(num_channels):
                 out[i, c] += w * grid[v, c]
+        if scaled:
+            n = post_scale[i]
+            for c in range(num_channels):
+                out[i, c] *= n
 
 
-def filter_points(lattice: NumbaLattice, values: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Filter (P, C) contiguous CPU values; see :func:`crfasrnn.lattice._torch.filter_points`."""
+def filter_points(
+    lattice: NumbaLattice,
+    values: torch.Tensor,
+    reverse: bool,
+    pre_scale: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Filter (P, C) contiguous CPU values (into ``out`` if given); see :func:`crfasrnn.lattice._torch.filter_points`."""
     d = lattice.dim
     vals = values.detach().numpy()
     dtype = vals.dtype
-    grid = np.empty((lattice.num_vertices + 1, vals.shape[1]), dtype=dtype)
-    _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, grid)
-    spare = np.empty_like(grid)
-    half = dtype.type(0.5)
-    for j in range(d, -1, -1) if reverse else range(d + 1):
-        _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
-        grid, spare = spare, grid
-    out = np.empty_like(vals)
-    alpha = dtype.type(1.0) / (dtype.type(1.0) + dtype.type(2.0) ** dtype.type(-d))
-    _slice(grid, lattice.offsets, lattice.weights, alpha, out)
-    return torch.from_numpy(out)
+    none = np.empty(0, dtype=dtype)
+    pre = none if pre_scale is None else pre_scale.detach().reshape(-1).numpy()
+    post = none if post_scale is None else post_scale.detach().reshape(-1).numpy()
+    result = np.empty_like(vals) if out is None else out.detach().numpy()
+    with lattice.lock:
+        grid, spare = lattice.workspace(vals.shape[1], dtype)
+        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
+        half = dtype.type(0.5)
+        for j in range(d, -1, -1) if reverse else range(d + 1):
+            _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
+            grid, spare = spare, grid
+        alpha = dtype.type(1.0) / (dtype.type(1.0) + dtype.type(2.0) ** dtype.type(-d))
+        _slice(grid, lattice.offsets, lattice.weights, alpha, post, result)
+    return torch.from_numpy(result) if out is None else out

@@ -9,17 +9,26 @@ from ._build import LatticeStructure
 __all__ = ["filter_points"]
 
 
-def filter_points(lattice: LatticeStructure, values: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Filter point values through the lattice.
+def filter_points(
+    lattice: LatticeStructure,
+    values: torch.Tensor,
+    reverse: bool,
+    pre_scale: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Filter point values through the lattice: ``post ⊙ K (pre ⊙ values)``.
 
     Args:
         lattice: the built lattice over P points.
         values: (P, C) values, one row per point.
         reverse: blur the axes in reverse order (the transpose of the forward filter).
+        pre_scale, post_scale: optional (P,) or (P, 1) per-point factors applied before splatting / after slicing.
 
     Returns:
-        (P, C) unnormalised filtered values.
+        (P, C) filtered values.
     """
+    if pre_scale is not None:
+        values = values * pre_scale.reshape(-1, 1)
     d = lattice.dim
     num_channels = values.shape[1]
     grid = values.new_zeros(lattice.num_vertices + 1, num_channels)  # last row: the empty vertex
@@ -33,4 +42,6 @@ def filter_points(lattice: LatticeStructure, values: torch.Tensor, reverse: bool
     out = grid[lattice.offsets[:, 0]] * (lattice.weights[:, 0:1] * alpha)
     for r in range(1, d + 1):
         out += grid[lattice.offsets[:, r]] * (lattice.weights[:, r : r + 1] * alpha)
+    if post_scale is not None:
+        out = out * post_scale.reshape(-1, 1)
     return out

@@ -171,13 +171,7 @@ def crf_rnn(
     else:
         q = u
         for _ in range(num_iterations):
-            p = F.softmax(q, dim=1).reshape(b, h * w, c)
-            s = spatial.filter_points(p, normalize=True).reshape(b * h * w, c)
-            bf = bilateral.filter_points(p, normalize=True).reshape(b * h * w, c)
-            if a_s.ndim == 1:
-                q = torch.addcmul(u, s, a_s, value=-1).addcmul_(bf, a_b, value=-1)
-            else:
-                q = torch.addmm(torch.addmm(u, s, a_s, alpha=-1), bf, a_b, alpha=-1)
+            q = _MeanFieldUpdate.apply(F.softmax(q, dim=1), u, a_s, a_b, spatial, bilateral, b)
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -205,11 +199,53 @@ def _mean_field_inference(
         _softmax_into(q, p)
         spatial.filter_points(p.view(shape), normalize=True, out=s.view(shape))
         bilateral.filter_points(p.view(shape), normalize=True, out=bf.view(shape))
-        if a_s.ndim == 1:
-            torch.addcmul(u, s, a_s, value=-1, out=q).addcmul_(bf, a_b, value=-1)
-        else:
-            torch.addmm(u, s, a_s, alpha=-1, out=q).addmm_(bf, a_b, alpha=-1)
+        _update(u, s, bf, a_s, a_b, out=q)
     return q
+
+
+class _MeanFieldUpdate(torch.autograd.Function):
+    """``q = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b`` for (B·N, C) probabilities ``p``, saving only ``p``.
+
+    Backward needs no filtered message: with ``r = −Kᵀ (n ⊙ G)`` (one transposed filtering per kernel),
+    ``∂L/∂p = r_s A_sᵀ + r_b A_bᵀ``, ``∂L/∂A = pᵀ r`` (channel mixing commutes with the per-channel filter) and
+    ``∂L/∂u = G``. ``p`` is also what softmax saves for its own backward, so an iteration keeps one (B·N, C) tensor.
+    ``A`` may be a (C, C) matrix or a (C,) vector of per-class scales.
+    """
+
+    @staticmethod
+    def forward(ctx, p, u, a_s, a_b, spatial, bilateral, batch):
+        ctx.save_for_backward(p, a_s, a_b)
+        ctx.lattices, ctx.batch = (spatial, bilateral), batch
+        points = p.view(batch, -1, p.shape[1])
+        s = spatial.filter_points(points, normalize=True).view_as(p)
+        bf = bilateral.filter_points(points, normalize=True).view_as(p)
+        q = torch.empty_like(u)
+        _update(u, s, bf, a_s, a_b, out=q)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, a_s, a_b = ctx.saved_tensors
+        g = grad.view(ctx.batch, -1, grad.shape[1])
+        grad_p = torch.zeros_like(p)
+        grad_a = []
+        for lattice, a in zip(ctx.lattices, (a_s, a_b)):
+            r = lattice.filter_points(g * lattice.normalizer, reverse=True).view_as(grad).neg_()
+            if a.ndim == 2:
+                grad_p.addmm_(r, a.t())
+                grad_a.append(p.t() @ r)
+            else:
+                grad_p.addcmul_(r, a)
+                grad_a.append((p * r).sum(dim=0))
+        return grad_p, grad, grad_a[0], grad_a[1], None, None, None
+
+
+def _update(u, s, bf, a_s, a_b, *, out):
+    """``out = u − s A_s − bf A_b`` (matrix products, or per-class scales for (C,) vectors), in one buffer."""
+    if a_s.ndim == 1:
+        torch.addcmul(u, s, a_s, value=-1, out=out).addcmul_(bf, a_b, value=-1)
+    else:
+        torch.addmm(u, s, a_s, alpha=-1, out=out).addmm_(bf, a_b, alpha=-1)
 
 
 def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:

@@ -379,7 +379,7 @@ def filter_points(
     none = np.empty(0, dtype=dtype)
     pre = none if pre_scale is None else pre_scale.detach().reshape(-1).numpy()
     post = none if post_scale is None else post_scale.detach().reshape(-1).numpy()
-    result = np.empty_like(vals) if out is None else out.detach().numpy()
+    result = torch.empty_like(values) if out is None else out  # one allocator for every large tensor
     with lattice.lock:
         grid, spare = lattice.workspace(vals.shape[1], dtype)
         _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
@@ -388,5 +388,5 @@ def filter_points(
             _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
             grid, spare = spare, grid
         alpha = dtype.type(1.0) / (dtype.type(1.0) + dtype.type(2.0) ** dtype.type(-d))
-        _slice(grid, lattice.offsets, lattice.weights, alpha, post, result)
-    return torch.from_numpy(result) if out is None else out
+        _slice(grid, lattice.offsets, lattice.weights, alpha, post, result.detach().numpy())
+    return result

@@ -251,3 +251,50 @@ def test_errors_name_the_problem():
         permutohedral_filter(torch.rand(2, 1, 4, 5), feats)
     with pytest.raises(TypeError, match="dtype"):
         permutohedral_filter(torch.rand(1, 1, 4, 5, dtype=torch.float64), feats)
+
+
+# --- normalisation and in-place output ----------------------------------------------------------------------------------
+
+def test_normalize_divides_by_the_filtered_ones(device_backend, dtype):
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_random_features(2, 5, 9, 8, dtype, device), backend=backend)
+    values = torch.rand(2, 3, 9, 8, dtype=dtype, device=device)
+    ones = lattice.filter(torch.ones(2, 1, 9, 8, dtype=dtype, device=device))
+    torch.testing.assert_close(lattice.filter(values, normalize=True), lattice.filter(values) / ones)
+    # a constant image stays (almost) constant after normalised filtering
+    const = lattice.filter(torch.full((2, 1, 9, 8), 7.0, dtype=dtype, device=device), normalize=True)
+    torch.testing.assert_close(const, torch.full_like(const, 7.0))
+
+
+def test_normalized_filter_gradient_is_its_transpose(device_backend):
+    device, backend = device_backend
+    feats = _random_features(1, 3, 4, 6, torch.float64, device)
+    lattice = PermutohedralLattice(feats, backend=backend)
+    values = torch.randn(1, 2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: lattice.filter(v, normalize=True), (values,))
+
+
+def test_out_argument_writes_in_place(device_backend):
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_random_features(2, 5, 6, 7, torch.float32, device), backend=backend)
+    points = torch.randn(2, 42, 3, device=device)
+    out = torch.empty_like(points)
+    with torch.no_grad():
+        returned = lattice.filter_points(points, normalize=True, out=out)
+    assert returned is out
+    torch.testing.assert_close(out, lattice.filter_points(points, normalize=True))
+    with pytest.raises(RuntimeError, match="does not support autograd"):
+        lattice.filter_points(points.requires_grad_(True), out=out)
+    with pytest.raises(ValueError, match="out must match"):
+        lattice.filter_points(points.detach(), out=out[:, :, :2])
+
+
+def test_all_finite():
+    from crfasrnn.lattice import all_finite
+
+    x = torch.randn(3, 4)
+    assert all_finite(x) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2] = bad
+        assert not all_finite(y)

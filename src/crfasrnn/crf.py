@@ -194,12 +194,9 @@ def _mean_field_inference(
     p = torch.empty_like(u)
     s = torch.empty_like(u)
     bf = torch.empty_like(u)
-    shape = (batch, num_points // batch, c)
     for _ in range(num_iterations):
         _softmax_into(q, p)
-        spatial.filter_points(p.view(shape), normalize=True, out=s.view(shape))
-        bilateral.filter_points(p.view(shape), normalize=True, out=bf.view(shape))
-        _update(u, s, bf, a_s, a_b, out=q)
+        _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, s=s, bf=bf)
     return q
 
 
@@ -216,12 +213,7 @@ class _MeanFieldUpdate(torch.autograd.Function):
     def forward(ctx, p, u, a_s, a_b, spatial, bilateral, batch):
         ctx.save_for_backward(p, a_s, a_b)
         ctx.lattices, ctx.batch = (spatial, bilateral), batch
-        points = p.view(batch, -1, p.shape[1])
-        s = spatial.filter_points(points, normalize=True).view_as(p)
-        bf = bilateral.filter_points(points, normalize=True).view_as(p)
-        q = torch.empty_like(u)
-        _update(u, s, bf, a_s, a_b, out=q)
-        return q
+        return _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=torch.empty_like(u))
 
     @staticmethod
     def backward(ctx, grad):
@@ -240,12 +232,20 @@ class _MeanFieldUpdate(torch.autograd.Function):
         return grad_p, grad, grad_a[0], grad_a[1], None, None, None
 
 
-def _update(u, s, bf, a_s, a_b, *, out):
-    """``out = u − s A_s − bf A_b`` (matrix products, or per-class scales for (C,) vectors), in one buffer."""
+def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, s=None, bf=None):
+    """One mean-field step after the softmax, without autograd: ``q = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b``.
+
+    ``A`` are (C, C) matrices or (C,) per-class scales. ``s`` and ``bf``, when given, are buffers for the two filtered
+    messages (reused across iterations by inference); ``q`` receives the result and is returned.
+    """
+    points = p.view(batch, -1, p.shape[1])
+    s = spatial.filter_points(points, normalize=True, out=None if s is None else s.view_as(points)).view_as(p)
+    bf = bilateral.filter_points(points, normalize=True, out=None if bf is None else bf.view_as(points)).view_as(p)
     if a_s.ndim == 1:
-        torch.addcmul(u, s, a_s, value=-1, out=out).addcmul_(bf, a_b, value=-1)
+        torch.addcmul(u, s, a_s, value=-1, out=q).addcmul_(bf, a_b, value=-1)
     else:
-        torch.addmm(u, s, a_s, alpha=-1, out=out).addmm_(bf, a_b, alpha=-1)
+        torch.addmm(u, s, a_s, alpha=-1, out=q).addmm_(bf, a_b, alpha=-1)
+    return q
 
 
 def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:

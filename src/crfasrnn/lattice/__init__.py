@@ -21,7 +21,6 @@ on CPU with ``backend="torch"``.
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
@@ -39,8 +38,6 @@ __all__ = ["PermutohedralLattice", "permutohedral_filter", "numba_available", "a
 #: Added to the filtered all-ones image before inverting it (the PyTorch port's ``np.finfo(float).eps``; Caffe uses
 #: 1e-20, which makes no difference in float32 since the response is at least about 0.3).
 NORMALISER_EPS = 2.220446049250313e-16
-
-logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "torch", "numba"]
 

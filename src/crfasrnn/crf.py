@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lattice import PermutohedralLattice, all_finite
+from .lattice import PermutohedralLattice, all_finite, filter_sum
 
 __all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features"]
 
@@ -184,7 +184,7 @@ def _mean_field_inference(
     num_iterations: int,
     batch: int,
 ) -> torch.Tensor:
-    """The iterations without autograd, in four buffers reused by every iteration.
+    """The iterations without autograd, in buffers reused by every iteration.
 
     Same arithmetic as the differentiable loop. Reusing the buffers matters on CPU: fresh tensors of tens of megabytes
     come from the operating system page by page, and at 1000×750 that costs more than the filtering.
@@ -192,8 +192,8 @@ def _mean_field_inference(
     num_points, c = u.shape
     q = u.clone()
     p = torch.empty_like(u)
-    s = torch.empty_like(u)
-    bf = torch.empty_like(u)
+    # Matrices need both filtered messages; per-class scales are summed straight into q.
+    s, bf = (torch.empty_like(u), torch.empty_like(u)) if a_s.ndim == 2 else (None, None)
     for _ in range(num_iterations):
         _softmax_into(q, p)
         _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, s=s, bf=bf)
@@ -239,12 +239,11 @@ def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, s=None, 
     messages (reused across iterations by inference); ``q`` receives the result and is returned.
     """
     points = p.view(batch, -1, p.shape[1])
+    if a_s.ndim == 1:  # per-class scales: both messages sliced and summed in one pass where the back end can
+        return filter_sum(points, (spatial, bilateral), (-a_s, -a_b), base=u.view_as(points), out=q.view_as(points)).view_as(p)
     s = spatial.filter_points(points, normalize=True, out=None if s is None else s.view_as(points)).view_as(p)
     bf = bilateral.filter_points(points, normalize=True, out=None if bf is None else bf.view_as(points)).view_as(p)
-    if a_s.ndim == 1:
-        torch.addcmul(u, s, a_s, value=-1, out=q).addcmul_(bf, a_b, value=-1)
-    else:
-        torch.addmm(u, s, a_s, alpha=-1, out=q).addmm_(bf, a_b, alpha=-1)
+    torch.addmm(u, s, a_s, alpha=-1, out=q).addmm_(bf, a_b, alpha=-1)
     return q
 
 

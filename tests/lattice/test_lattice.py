@@ -8,7 +8,7 @@ import torch
 from helpers import pixel_grid
 
 from crfasrnn import PermutohedralLattice, permutohedral_filter
-from crfasrnn.lattice import numba_available
+from crfasrnn.lattice import filter_sum, numba_available
 
 
 def _features_nchw(points_hwd: np.ndarray, device) -> torch.Tensor:
@@ -298,3 +298,52 @@ def test_all_finite():
         y = x.clone()
         y[1, 2] = bad
         assert not all_finite(y)
+
+
+# --- weighted sums of filterings (the CRF's message passing without autograd) ----------------------------------------
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-lattices", "shared-lattice"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_filter_sum_equals_separate_filterings(device_backend, dtype, shared, normalize):
+    """``base + Σ scale_k ⊙ K_k v`` in one call equals the separate filterings, also with a batch-shared lattice."""
+    device, backend = device_backend
+    batch, height, width, channels = 3, 7, 9, 4
+    first = PermutohedralLattice(_random_features(1 if shared else batch, 2, height, width, dtype, device, seed=1),
+                                 backend=backend)
+    second = PermutohedralLattice(_random_features(batch, 4, height, width, dtype, device, seed=2), backend=backend)
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(batch, height * width, channels, generator=g, dtype=dtype).to(device)
+    base = torch.randn(batch, height * width, channels, generator=g, dtype=dtype).to(device)
+    scales = [torch.randn(channels, generator=g, dtype=dtype).to(device) for _ in range(2)]
+    expected = base.clone()
+    for lattice, scale in zip((first, second), scales):
+        expected += scale * lattice.filter_points(values, normalize=normalize)
+    total = filter_sum(values, [first, second], scales, base=base, normalize=normalize)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(total, expected, atol=tol, rtol=tol)
+    # writing over the base term in place gives the same
+    in_place = base.clone()
+    assert filter_sum(values, [first, second], scales, base=in_place, normalize=normalize, out=in_place) is in_place
+    torch.testing.assert_close(in_place, expected, atol=tol, rtol=tol)
+
+
+def test_filter_sum_one_lattice_and_no_base(device_backend):
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_random_features(2, 3, 5, 6, torch.float64, device), backend=backend)
+    values = torch.rand(2, 30, 3, dtype=torch.float64, device=device)
+    scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=device)
+    torch.testing.assert_close(filter_sum(values, [lattice], [scale]), scale * lattice.filter_points(values, normalize=True))
+
+
+def test_filter_sum_errors():
+    lattice = PermutohedralLattice(_random_features(1, 2, 4, 5, torch.float32, "cpu"))
+    values = torch.rand(1, 20, 3)
+    with pytest.raises(ValueError, match="one scale per lattice"):
+        filter_sum(values, [lattice, lattice], [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        filter_sum(values, [lattice], [torch.ones(4)])
+    with pytest.raises(ValueError, match="base"):
+        filter_sum(values, [lattice], [torch.ones(3)], base=torch.zeros(1, 20, 2))
+    with pytest.raises(ValueError, match="do not fit"):
+        filter_sum(torch.rand(1, 21, 3), [lattice], [torch.ones(3)])

@@ -23,7 +23,7 @@ import torch
 
 from ._build import scale_factors
 
-__all__ = ["NumbaLattice", "build_lattice", "filter_points"]
+__all__ = ["NumbaLattice", "build_lattice", "filter_points", "filter_sum"]
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = np.int64(-1)
@@ -364,6 +364,84 @@ def _slice(grid, offsets, weights, alpha, post_scale, out):  # pragma: no cover 
                 out[i, c] *= n
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out):  # pragma: no cover - compiled
+    """``out = base + k1 ⊙ post1 ⊙ slice(g1) + k2 ⊙ post2 ⊙ slice(g2)`` for (P, C) ``out``; ``k`` are (C,) scales.
+
+    A lattice built over fewer points than P (one image's lattice shared by a batch, its grid holding the images side
+    by side in its channels) is indexed with point ``i % rows`` and channel offset ``(i // rows) * C``. The slice
+    factor 1 / (1 + 2^-d) is folded into the scales ``k`` by the caller. Rows are taken as contiguous views, which lets
+    the channel loops vectorise.
+    """
+    num_points, num_channels = out.shape
+    rows1 = off1.shape[0]
+    rows2 = off2.shape[0]
+    for i in numba.prange(num_points):
+        r1 = i % rows1
+        c1 = (i // rows1) * num_channels
+        r2 = i % rows2
+        c2 = (i // rows2) * num_channels
+        o = out[i]
+        o[:] = 0.0
+        for r in range(off1.shape[1]):
+            row = g1[off1[r1, r], c1 : c1 + num_channels]
+            w = w1[r1, r]
+            for c in range(num_channels):
+                o[c] += w * row[c]
+        n1 = post1[r1]
+        b = base[i]
+        for c in range(num_channels):
+            o[c] = b[c] + (k1[c] * n1) * o[c]
+        for r in range(off2.shape[1]):
+            row = g2[off2[r2, r], c2 : c2 + num_channels]
+            w = w2[r2, r] * post2[r2]
+            for c in range(num_channels):
+                o[c] += (w * k2[c]) * row[c]
+
+
+def _splat_blur(lattice: NumbaLattice, vals: np.ndarray, reverse: bool, pre: np.ndarray) -> np.ndarray:
+    """Splat and blur into the lattice's workspace; returns the blurred grid (the caller holds ``lattice.lock``)."""
+    grid, spare = lattice.workspace(vals.shape[1], vals.dtype)
+    _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
+    half = vals.dtype.type(0.5)
+    for j in range(lattice.dim, -1, -1) if reverse else range(lattice.dim + 1):
+        _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
+        grid, spare = spare, grid
+    return grid
+
+
+def _alpha(dtype: np.dtype, d: int):
+    return dtype.type(1.0) / (dtype.type(1.0) + dtype.type(2.0) ** dtype.type(-d))
+
+
+def filter_sum(
+    lattices: tuple[NumbaLattice, NumbaLattice],
+    values: tuple[torch.Tensor, torch.Tensor],
+    scales: tuple[torch.Tensor, torch.Tensor],
+    post_scales: tuple[torch.Tensor, torch.Tensor],
+    base: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``out = base + Σ_k scales[k] ⊙ post_scales[k] ⊙ K_k values[k]`` for two lattices, sliced in one pass.
+
+    ``values[k]`` is (P_k, C_k) in lattice k's point layout (C_k = C · P / P_k where the lattice is shared by a batch);
+    ``scales[k]`` are (C,), ``post_scales[k]`` (P_k,); ``base`` and ``out`` (P, C) contiguous.
+    """
+    grids = []
+    first, second = sorted(range(2), key=lambda k: id(lattices[k]))  # one lock order for every caller
+    with lattices[first].lock, lattices[second].lock:
+        for lattice, vals in zip(lattices, values):
+            v = vals.detach().numpy()
+            grids.append(_splat_blur(lattice, v, False, np.empty(0, dtype=v.dtype)))
+        dtype = grids[0].dtype
+        k = [(s.detach().numpy() * _alpha(dtype, lat.dim)).astype(dtype) for s, lat in zip(scales, lattices)]
+        post = [p.detach().reshape(-1).numpy() for p in post_scales]
+        (l1, l2), (g1, g2) = lattices, grids
+        _slice_sum2(g1, l1.offsets, l1.weights, k[0], post[0], g2, l2.offsets, l2.weights, k[1], post[1],
+                    base.detach().numpy(), out.detach().numpy())
+    return out
+
+
 def filter_points(
     lattice: NumbaLattice,
     values: torch.Tensor,
@@ -381,12 +459,6 @@ def filter_points(
     post = none if post_scale is None else post_scale.detach().reshape(-1).numpy()
     result = torch.empty_like(values) if out is None else out  # one allocator for every large tensor
     with lattice.lock:
-        grid, spare = lattice.workspace(vals.shape[1], dtype)
-        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
-        half = dtype.type(0.5)
-        for j in range(d, -1, -1) if reverse else range(d + 1):
-            _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
-            grid, spare = spare, grid
-        alpha = dtype.type(1.0) / (dtype.type(1.0) + dtype.type(2.0) ** dtype.type(-d))
-        _slice(grid, lattice.offsets, lattice.weights, alpha, post, result.detach().numpy())
+        grid = _splat_blur(lattice, vals, reverse, pre)
+        _slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, d), post, result.detach().numpy())
     return result

@@ -123,6 +123,22 @@ def bench_paired(size, device: str, repeats: int) -> tuple[list[float], list[flo
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
+def single_thread_pairs(size, repeats: int) -> list[float]:
+    """Ratios of our CPU forward on one thread to the peer's, alternated: the per-core cost, whatever the core count."""
+    import numba
+    import torch
+
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        ours, peer = bench_paired(size, "cpu", repeats)
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
+    return [a / b for a, b in zip(ours, peer)]
+
+
 def peer_runner(size):
     """pydensecrf's DenseCRF2D construction + pairwise set-up + inference, same settings, as a callable."""
     import pydensecrf.densecrf as dcrf
@@ -248,6 +264,8 @@ def main() -> None:
             r["paired_ours_s"], r["peer_runs_s"] = bench_paired(SIZE, args.device, args.repeats)
             r["peer_s"] = statistics.median(r["peer_runs_s"])
             r["ratio_paired"] = statistics.median(a / b for a, b in zip(r["paired_ours_s"], r["peer_runs_s"]))
+            if args.device == "cpu" and numba:
+                r["ratio_single_thread"] = statistics.median(single_thread_pairs(SIZE, args.repeats))
         except ImportError as exc:
             print(f"note: pydensecrf not importable ({exc}); peer skipped (make bench-setup installs it)")
     for mode in ("no_grad", "grad", "fwd_bwd"):
@@ -273,6 +291,7 @@ def main() -> None:
     row(f"ours forward {LARGE[0]}x{LARGE[1]} (median)", r["fwd_large_s"])
     row("pydensecrf construct+inference (median)", r["peer_s"])
     row("ratio ours fwd / pydensecrf (paired runs)", r["ratio_fwd_vs_peer"], "", TARGETS["fwd_vs_peer"])
+    row("ratio ours fwd on 1 thread / pydensecrf", r.get("ratio_single_thread"), "")
     row("ratio ours fwd (full matrices) / pydensecrf", r["ratio_fwd_dense_vs_peer"], "")
     row("ratio fwd+bwd / fwd", r["ratio_fwdbwd_vs_fwd"], "", TARGETS["fwdbwd_vs_fwd"])
     row(f"ratio {LARGE[0]}x{LARGE[1]} / {SIZE[0]}x{SIZE[1]} forward", r["ratio_scale_2x"], "", TARGETS["scale_2x"])

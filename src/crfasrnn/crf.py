@@ -189,13 +189,22 @@ def _mean_field_inference(
     Same arithmetic as the differentiable loop. Reusing the buffers matters on CPU: fresh tensors of tens of megabytes
     come from the operating system page by page, and at 1000×750 that costs more than the filtering.
     """
-    num_points, c = u.shape
-    q = u.clone()
+    q = torch.empty_like(u)
     p = torch.empty_like(u)
-    # Matrices need both filtered messages; per-class scales are summed straight into q.
-    s, bf = (torch.empty_like(u), torch.empty_like(u)) if a_s.ndim == 2 else (None, None)
-    for _ in range(num_iterations):
-        _softmax_into(q, p)
+    _softmax_into(u, p)
+    if a_s.ndim == 1:
+        # Per-class scales: one pass per iteration slices both messages, sums them into q and writes q's softmax over
+        # p (the splats have read p by then) for the next iteration.
+        points = p.view(batch, -1, p.shape[1])
+        scales = (-a_s, -a_b)
+        for _ in range(num_iterations):
+            filter_sum(points, (spatial, bilateral), scales, base=u.view_as(points), out=q.view_as(points),
+                       softmax_out=points)
+        return q
+    s, bf = torch.empty_like(u), torch.empty_like(u)
+    for t in range(num_iterations):
+        if t:
+            _softmax_into(q, p)
         _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, s=s, bf=bf)
     return q
 

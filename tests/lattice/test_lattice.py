@@ -347,3 +347,24 @@ def test_filter_sum_errors():
         filter_sum(values, [lattice], [torch.ones(3)], base=torch.zeros(1, 20, 2))
     with pytest.raises(ValueError, match="do not fit"):
         filter_sum(torch.rand(1, 21, 3), [lattice], [torch.ones(3)])
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate", "over-values"])
+def test_filter_sum_softmax_out(device_backend, dtype, in_place):
+    """The fused softmax of the result (a mean-field step's next probabilities) equals torch.softmax, also when it
+    overwrites the filtered values, and with logits spread wide enough to exercise exp's range reduction."""
+    device, backend = device_backend
+    first = PermutohedralLattice(_random_features(2, 2, 6, 7, dtype, device, seed=4), backend=backend)
+    second = PermutohedralLattice(_random_features(2, 5, 6, 7, dtype, device, seed=5), backend=backend)
+    g = torch.Generator().manual_seed(6)
+    values = torch.rand(2, 42, 5, generator=g, dtype=dtype).to(device)
+    base = (torch.randn(2, 42, 5, generator=g, dtype=dtype) * 30).to(device)
+    scales = [torch.full((5,), -3.0, dtype=dtype, device=device), torch.full((5,), -5.0, dtype=dtype, device=device)]
+    expected_total = filter_sum(values, [first, second], scales, base=base)
+    target = values.clone() if in_place else torch.empty_like(values)
+    total = filter_sum(target if in_place else values, [first, second], scales, base=base, softmax_out=target)
+    torch.testing.assert_close(total, expected_total)
+    tol = 2e-7 if dtype == torch.float32 else 1e-15
+    torch.testing.assert_close(target, torch.softmax(expected_total, dim=-1), atol=tol, rtol=1e-5)
+    with pytest.raises(ValueError, match="softmax_out"):
+        filter_sum(values, [first, second], scales, softmax_out=torch.empty(2, 42, 4, dtype=dtype, device=device))

@@ -253,6 +253,7 @@ def filter_sum(
     base: torch.Tensor | None = None,
     normalize: bool = True,
     out: torch.Tensor | None = None,
+    softmax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A weighted sum of several lattices' filterings of the same values: ``base + Σ_k scales[k] ⊙ K_k values``.
 
@@ -267,6 +268,9 @@ def filter_sum(
         base: optional (B, H·W, C) term added to the sum (zeros if None).
         normalize: multiply each filtering by its lattice's normaliser.
         out: optional contiguous (B, H·W, C) tensor to write into; it may be ``base`` itself.
+        softmax_out: optional contiguous (B, H·W, C) tensor that receives the softmax of the result over its channels
+            (a mean-field step's next probabilities); it may be ``values`` itself. On the numba back end in float32
+            it is computed in the same pass, which spares a pass over memory and a hand-over to torch's thread pool.
 
     Returns:
         (B, H·W, C) sum (``out`` when given).
@@ -297,6 +301,11 @@ def filter_sum(
     elif out.shape != values.shape or out.dtype != values.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous tensor like values {tuple(values.shape)} {values.dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
+    if softmax_out is not None and (
+        softmax_out.shape != values.shape or softmax_out.dtype != values.dtype or not softmax_out.is_contiguous()
+    ):
+        raise ValueError(f"softmax_out must be a contiguous tensor like values {tuple(values.shape)} {values.dtype}, "
+                         f"got {tuple(softmax_out.shape)} {softmax_out.dtype}")
     with torch.no_grad():
         if base is None:
             base = torch.zeros_like(values)
@@ -315,6 +324,7 @@ def filter_sum(
                 inputs.append(values.permute(1, 0, 2).reshape(n, b * c) if shared else values.reshape(b * n, c))
                 inputs[-1] = inputs[-1].contiguous()
                 posts.append(lattice.normalizer if normalize else values.new_ones(lattice.batch_size * n))
+            fused_softmax = softmax_out is not None and values.dtype == torch.float32
             _numba.filter_sum(
                 tuple(lattices[k]._structure for k in range(2)),
                 tuple(inputs),
@@ -322,13 +332,18 @@ def filter_sum(
                 tuple(posts),
                 base.reshape(b * n, c),
                 out.view(b * n, c),
+                softmax_out.view(b * n, c) if fused_softmax else None,
             )
+            if softmax_out is not None and not fused_softmax:
+                torch.softmax(out, dim=-1, out=softmax_out)
             return out
         terms = [lattice.filter_points(values, normalize=normalize) for lattice in lattices]
         if out is not base:
             out.copy_(base)
         for term, scale in zip(terms, scales):
             out.addcmul_(term, scale.to(values.dtype))
+        if softmax_out is not None:
+            torch.softmax(out, dim=-1, out=softmax_out)
         return out
 
 

@@ -364,39 +364,78 @@ def _slice(grid, offsets, weights, alpha, post_scale, out):  # pragma: no cover 
                 out[i, c] *= n
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _exp_nonpositive(x, scale_bits, c):  # pragma: no cover - compiled
+    """``exp(x)`` for ``x <= 0`` without a libm call, so that loops over it vectorise (Cephes ``expf``: 2^n · p(r)).
+
+    Returns the mantissa part ``p(r)`` and stores the exponent ``2^n`` as float bits in ``scale_bits[c]``; values below
+    e^-87 are flushed to about 1.6e-38. Float32 arithmetic; relative error a few ULP (the tests compare it with ``torch.softmax``).
+    """
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    scale_bits[c] = (np.int32(n) + np.int32(127)) << 23
+    return p * r * r + r + np.float32(1.0)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out):  # pragma: no cover - compiled
+def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, soft):  # pragma: no cover - compiled
     """``out = base + k1 ⊙ post1 ⊙ slice(g1) + k2 ⊙ post2 ⊙ slice(g2)`` for (P, C) ``out``; ``k`` are (C,) scales.
 
     A lattice built over fewer points than P (one image's lattice shared by a batch, its grid holding the images side
     by side in its channels) is indexed with point ``i % rows`` and channel offset ``(i // rows) * C``. The slice
     factor 1 / (1 + 2^-d) is folded into the scales ``k`` by the caller. Rows are taken as contiguous views, which lets
-    the channel loops vectorise.
+    the channel loops vectorise. Where ``soft`` is (P, C) (not empty), it receives the softmax of each output row.
     """
     num_points, num_channels = out.shape
     rows1 = off1.shape[0]
     rows2 = off2.shape[0]
-    for i in numba.prange(num_points):
-        r1 = i % rows1
-        c1 = (i // rows1) * num_channels
-        r2 = i % rows2
-        c2 = (i // rows2) * num_channels
-        o = out[i]
-        o[:] = 0.0
-        for r in range(off1.shape[1]):
-            row = g1[off1[r1, r], c1 : c1 + num_channels]
-            w = w1[r1, r]
+    do_softmax = soft.shape[0] > 0
+    chunk = 64
+    for ch in numba.prange((num_points + chunk - 1) // chunk):
+        scale = np.empty(num_channels, dtype=out.dtype)
+        scale_bits = scale.view(np.int32)
+        for i in range(ch * chunk, min(num_points, (ch + 1) * chunk)):
+            r1 = i % rows1
+            c1 = (i // rows1) * num_channels
+            r2 = i % rows2
+            c2 = (i // rows2) * num_channels
+            o = out[i]
+            o[:] = 0.0
+            for r in range(off1.shape[1]):
+                row = g1[off1[r1, r], c1 : c1 + num_channels]
+                w = w1[r1, r]
+                for c in range(num_channels):
+                    o[c] += w * row[c]
+            n1 = post1[r1]
+            b = base[i]
             for c in range(num_channels):
-                o[c] += w * row[c]
-        n1 = post1[r1]
-        b = base[i]
-        for c in range(num_channels):
-            o[c] = b[c] + (k1[c] * n1) * o[c]
-        for r in range(off2.shape[1]):
-            row = g2[off2[r2, r], c2 : c2 + num_channels]
-            w = w2[r2, r] * post2[r2]
-            for c in range(num_channels):
-                o[c] += (w * k2[c]) * row[c]
+                o[c] = b[c] + (k1[c] * n1) * o[c]
+            for r in range(off2.shape[1]):
+                row = g2[off2[r2, r], c2 : c2 + num_channels]
+                w = w2[r2, r] * post2[r2]
+                for c in range(num_channels):
+                    o[c] += (w * k2[c]) * row[c]
+            if do_softmax:
+                s = soft[i]
+                m = o[0]
+                for c in range(1, num_channels):
+                    m = max(m, o[c])
+                for c in range(num_channels):
+                    s[c] = _exp_nonpositive(o[c] - m, scale_bits, c)
+                total = np.float32(0.0)
+                for c in range(num_channels):
+                    s[c] *= scale[c]
+                    total += s[c]
+                inv = np.float32(1.0) / total
+                for c in range(num_channels):
+                    s[c] *= inv
 
 
 def _splat_blur(lattice: NumbaLattice, vals: np.ndarray, reverse: bool, pre: np.ndarray) -> np.ndarray:
@@ -421,11 +460,13 @@ def filter_sum(
     post_scales: tuple[torch.Tensor, torch.Tensor],
     base: torch.Tensor,
     out: torch.Tensor,
+    softmax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out = base + Σ_k scales[k] ⊙ post_scales[k] ⊙ K_k values[k]`` for two lattices, sliced in one pass.
 
     ``values[k]`` is (P_k, C_k) in lattice k's point layout (C_k = C · P / P_k where the lattice is shared by a batch);
-    ``scales[k]`` are (C,), ``post_scales[k]`` (P_k,); ``base`` and ``out`` (P, C) contiguous.
+    ``scales[k]`` are (C,), ``post_scales[k]`` (P_k,); ``base``, ``out`` and ``softmax_out`` (P, C) contiguous;
+    ``softmax_out`` (optional, may be the memory of ``values``) receives the softmax of each row of ``out``.
     """
     grids = []
     first, second = sorted(range(2), key=lambda k: id(lattices[k]))  # one lock order for every caller
@@ -437,8 +478,9 @@ def filter_sum(
         k = [(s.detach().numpy() * _alpha(dtype, lat.dim)).astype(dtype) for s, lat in zip(scales, lattices)]
         post = [p.detach().reshape(-1).numpy() for p in post_scales]
         (l1, l2), (g1, g2) = lattices, grids
+        soft = np.empty((0, 0), dtype=dtype) if softmax_out is None else softmax_out.detach().numpy()
         _slice_sum2(g1, l1.offsets, l1.weights, k[0], post[0], g2, l2.offsets, l2.weights, k[1], post[1],
-                    base.detach().numpy(), out.detach().numpy())
+                    base.detach().numpy(), out.detach().numpy(), soft)
     return out
 
 

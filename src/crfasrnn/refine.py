@@ -207,7 +207,7 @@ def _image_batch(image: Any) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"image must be uint8 RGB (0..255), got dtype {image.dtype} (shape {image.shape})")
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = torch.from_numpy(_writable(image))
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a PIL image, a numpy array or a torch.Tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8:
@@ -217,13 +217,19 @@ def _image_batch(image: Any) -> torch.Tensor:
     return image if image.ndim == 4 else image[None]
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writable view or copy (torch.from_numpy warns about read-only arrays, e.g. from PIL)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
+
+
 def _as_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise TypeError(f"{name} must be a numeric array, got dtype object")
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(_writable(value))
     raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
 
 

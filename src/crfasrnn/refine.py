@@ -301,8 +301,8 @@ def refine(
         >>> coarse = np.zeros((24, 32), np.int64); coarse[:, 12:] = 1           # a boundary 4 pixels off
         >>> coarse[:, 10:20] = 255                                              # and a band of unknown around it
         >>> refined = refine(image, labels=coarse, unknown_label=255)
-        >>> (refined == (np.arange(32) >= 16)).all()
-        np.True_
+        >>> bool((refined == (np.arange(32) >= 16)).all())
+        True
     """
     if (probs is None) == (labels is None):
         raise ValueError("give exactly one of probs and labels")

@@ -1,4 +1,4 @@
-"""`crfasrnn refine`: files, folders, formats, errors (one line, nothing written), and the classic dense-CRF examples."""
+"""`crfasrnn refine`: files, folders, formats, one-line errors with nothing written, the classic dense-CRF examples."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_refine_folder_with_progress(tmp_path, capsys):
     assert "wrote 2 refined label maps" in capsys.readouterr().out
     # a glob pattern selects the same images
     out2 = tmp_path / "out2"
-    assert main(["refine", str(tmp_path / "images" / "*.png"), "--labels", str(tmp_path / "labels"), "-o", str(out2)]) == 0
+    pattern = str(tmp_path / "images" / "*.png")
+    assert main(["refine", pattern, "--labels", str(tmp_path / "labels"), "-o", str(out2)]) == 0
     assert sorted(p.name for p in out2.iterdir()) == ["a.png", "b.png"]
 
 
@@ -129,11 +130,12 @@ def bad_inputs(tmp_path: Path):
         "corrupt image": ([str(tmp_path / "corrupt.png"), "--labels", str(anno)], "cannot read image"),
         "corrupt labels": ([str(photo), "--labels", str(tmp_path / "corrupt.png")], "cannot read label map"),
         "missing": ([str(tmp_path / "nope.png"), "--labels", str(anno)], "not found"),
+        "parameter": ([str(photo), "--labels", str(anno), "--gt-prob", "1.5"], "gt_prob must be .* between 0 and 1"),
     }
 
 
 @pytest.mark.parametrize("case", ["size", "negative", "sum", "nan", "rank", "classes", "corrupt image",
-                                  "corrupt labels", "missing"])
+                                  "corrupt labels", "missing", "parameter"])
 def test_refine_errors_are_one_line_and_write_nothing(tmp_path, capsys, case):
     import re
 

@@ -3,6 +3,7 @@
 from .crf import CrfRnn, crf_rnn
 from .lattice import PermutohedralLattice, permutohedral_filter
 from .models import FCN8s, CrfRnnNet
+from .refine import refine
 from .transforms import VOC_CLASSES, VOC_MEAN_RGB, postprocess, prepare, preprocess
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "preprocess",
     "prepare",
     "postprocess",
+    "refine",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,426 @@
+"""The web app's JSON API, in process (FastAPI's TestClient) and on a real uvicorn server for concurrency."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
+
+from PIL import Image  # noqa: E402
+from serve_helpers import (  # noqa: E402,F401  (fixtures are used by name)
+    client,
+    coarse_of,
+    decode_png,
+    live_server,
+    png_bytes,
+    refine_engine,
+    segment_client,
+    segment_engine,
+    two_region_photo,
+)
+
+from crfasrnn.demo import coarse_block_labels  # noqa: E402
+from crfasrnn.refine import refine  # noqa: E402
+from crfasrnn.serve import Engine, Limits, create_app  # noqa: E402
+from crfasrnn.serve.app import BodyLimitMiddleware  # noqa: E402
+from crfasrnn.serve.engine import class_table, overlay  # noqa: E402
+from crfasrnn.transforms import VOC_CLASSES, postprocess, prepare  # noqa: E402
+
+
+def _labels(view) -> np.ndarray:
+    im = decode_png(view["labels_png"])
+    assert im.mode == "P"  # a palette PNG: the VOC colours travel with the labels
+    return np.asarray(im).astype(np.int64)
+
+
+def _photo(answer) -> np.ndarray:
+    return np.array(decode_png(answer["photo_png"]).convert("RGB"))
+
+
+def _view(answer, key):
+    (view,) = [v for v in answer["views"] if v["key"] == key]
+    return view
+
+
+def _check_view_consistency(answer, view, names):
+    """The class table counts the label map's pixels; the overlay is the photo blended with the label colours."""
+    labels = _labels(view)
+    photo = _photo(answer)
+    assert labels.shape == photo.shape[:2] == (answer["height"], answer["width"])
+    counts = np.bincount(labels.reshape(-1), minlength=256)
+    assert {row["label"]: row["pixels"] for row in view["classes"]} == {
+        int(k): int(counts[k]) for k in np.flatnonzero(counts)
+    }
+    assert sum(row["share"] for row in view["classes"]) == pytest.approx(1.0)
+    assert [row["pixels"] for row in view["classes"]] == sorted((row["pixels"] for row in view["classes"]), reverse=True)
+    for row in view["classes"]:
+        assert row["name"] == names(row["label"])
+    np.testing.assert_array_equal(np.asarray(decode_png(view["overlay_png"]).convert("RGB")), overlay(photo, labels))
+
+
+# --- page and info -------------------------------------------------------------------------------------------------
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/static/app.js"' in page.text and 'id="overlay-img"' in page.text and 'id="legend"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "/api/refine" in script.text
+    assert client.get("/static/style.css").status_code == 200
+    # no client path reaches the file system: anything but the two named files is 404
+    for path in ("/static/index.html", "/static/..%2f..%2fpyproject.toml", "/static/%2e%2e/engine.py", "/pyproject.toml"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_info_in_refine_mode(client):
+    info = client.get("/api/info").json()
+    assert info["mode"] == "refine" and info["modes"] == ["refine"]
+    assert info["classes"] == list(VOC_CLASSES)
+    assert info["limits"]["max_upload_bytes"] == 10 * 1024 * 1024 and info["limits"]["max_side"] == 4096
+    signature = inspect.signature(refine)
+    names = [p["name"] for p in info["refine_parameters"]]
+    assert names == ["num_iterations", "theta_alpha", "theta_beta", "theta_gamma", "spatial_weight",
+                     "bilateral_weight", "gt_prob"]
+    for p in info["refine_parameters"]:  # the sliders start at crfasrnn.refine's own defaults, within their range
+        assert p["default"] == signature.parameters[p["name"]].default
+        assert p["min"] <= p["default"] <= p["max"]
+
+
+def test_class_table_by_hand():
+    labels = np.array([[0, 0, 15], [15, 15, 15], [255, 255, 15]])
+    table = class_table(labels, VOC_CLASSES)
+    assert [(r["label"], r["name"], r["pixels"]) for r in table] == [(15, "person", 5), (0, "background", 2),
+                                                                     (255, "unknown", 2)]
+    assert table[0]["share"] == pytest.approx(5 / 9) and table[0]["color"] == "#c08080"
+
+
+# --- refinement mode -------------------------------------------------------------------------------------------------
+
+
+def test_refine_sample_equals_the_library(client, refine_engine):
+    params = {"num_iterations": 4, "theta_alpha": 40, "theta_beta": 10, "theta_gamma": 2, "spatial_weight": 2,
+              "bilateral_weight": 6, "gt_prob": 0.6}
+    response = client.post("/api/refine", data={"sample": "true", **{k: str(v) for k, v in params.items()}})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["mode"] == "refine" and answer["source"] == "sample"
+    assert max(answer["width"], answer["height"]) == 128  # work_side of the fixture
+    photo = _photo(answer)
+    np.testing.assert_array_equal(photo, refine_engine.sample_photo())
+    coarse = refine_engine.sample_labels()
+    if coarse is None:
+        coarse = coarse_block_labels(photo)
+    np.testing.assert_array_equal(_labels(_view(answer, "input")), coarse)
+    known = coarse[coarse != 255]
+    expected = refine(photo, labels=coarse, num_classes=int(known.max()) + 1, unknown_label=255, **params)
+    refined = _labels(_view(answer, "refined"))
+    np.testing.assert_array_equal(refined, expected)
+    assert (refined != coarse).any()  # the CRF did something
+    assert answer["parameters"] == params
+    assert answer["seconds"] >= answer["compute_seconds"] > 0
+    for key in ("refined", "input"):
+        _check_view_consistency(answer, _view(answer, key), lambda k: "unknown" if k == 255 else f"label {k}")
+
+
+def test_refine_uploaded_labels_snap_to_the_edge(client):
+    photo, truth = two_region_photo(48, 64, split=32)
+    coarse = coarse_of(truth, shift=5, band=3)
+    response = client.post(
+        "/api/refine",
+        files={"image": ("p.png", png_bytes(photo), "image/png"), "labels": ("l.png", png_bytes(coarse, palette=True),
+                                                                          "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["source"] == "upload" and answer["labels_source"] == "upload"
+    np.testing.assert_array_equal(_photo(answer), photo)
+    np.testing.assert_array_equal(_labels(_view(answer, "input")), coarse)
+    refined = _labels(_view(answer, "refined"))
+    assert (coarse[coarse != 255] != truth[coarse != 255]).mean() > 0.05  # the input is wrong on a band of columns
+    assert (refined == truth).mean() > 0.99  # the refined boundary sits on the colour edge
+    # a grayscale (mode L) label map reads the same as the palette one
+    again = client.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png"),
+                                              "labels": ("l.png", png_bytes(coarse.astype(np.uint8)), "image/png")})
+    np.testing.assert_array_equal(_labels(_view(again.json(), "refined")), refined)
+
+
+def test_refine_without_labels_clusters_the_upload(client):
+    photo, _ = two_region_photo(40, 40, split=20)
+    answer = client.post("/api/refine", files={"image": ("p.jpg", png_bytes(photo, fmt="JPEG"), "image/jpeg")}).json()
+    assert answer["labels_source"] == "auto" and any("clustering" in n for n in answer["notes"])
+    np.testing.assert_array_equal(_labels(_view(answer, "input")), coarse_block_labels(_photo(answer)))
+
+
+def test_zero_iterations_keep_the_input_labels(client):
+    photo, truth = two_region_photo(32, 32, split=16)
+    coarse = coarse_of(truth, shift=3, band=0)
+    answer = client.post("/api/refine", data={"num_iterations": "0"},
+                         files={"image": ("p.png", png_bytes(photo), "image/png"),
+                                "labels": ("l.png", png_bytes(coarse, palette=True), "image/png")}).json()
+    np.testing.assert_array_equal(_labels(_view(answer, "refined")), coarse)
+
+
+def test_raw_image_body(client):
+    photo, _ = two_region_photo(24, 40, split=20)
+    response = client.post("/api/refine?num_iterations=2", content=png_bytes(photo),
+                           headers={"content-type": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.json()["parameters"]["num_iterations"] == 2
+    np.testing.assert_array_equal(_photo(response.json()), photo)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("num_iterations", "1000", "num_iterations must lie in 0..50"), ("theta_beta", "abc", "theta_beta must be a number"),
+     ("gt_prob", "1.5", "gt_prob must lie in"), ("num_iterations", "2.5", "must be an integer"),
+     ("theta_alpha", "nan", "theta_alpha must lie in")],
+)
+def test_bad_parameters_are_422(client, field, value, message):
+    response = client.post("/api/refine", data={"sample": "true", field: value})
+    assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_segment_without_weights_is_409(client):
+    response = client.post("/api/segment", data={"sample": "true"})
+    assert response.status_code == 409 and "--weights" in response.json()["error"]
+
+
+# --- bad uploads and limits -------------------------------------------------------------------------------------------
+
+
+def _truncated_png() -> bytes:
+    photo, _ = two_region_photo(64, 64)
+    data = png_bytes(photo)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "files, data, status, message",
+    [
+        ({"image": ("x.png", b"this is not an image", "image/png")}, {}, 400, "not an image file"),
+        ({"image": ("x.png", b"", "image/png")}, {}, 400, "the image upload is empty"),
+        ({"image": ("x.png", _truncated_png(), "image/png")}, {}, 400, "corrupt"),
+        ({}, {"image": "a string, not a file"}, 400, "must be a file upload"),
+        ({}, {}, 400, "no image"),
+        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+          "labels": ("l.png", png_bytes(two_region_photo(32, 32)[0]), "image/png")}, {}, 400, "palette or grayscale"),
+        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+          "labels": ("l.png", png_bytes(np.zeros((32, 50), np.uint8)), "image/png")}, {}, 400, "sizes must agree"),
+        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+          "labels": ("l.png", png_bytes(np.full((32, 32), 255, np.uint8)), "image/png")}, {}, 400,
+         "no labelled pixel"),
+        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+          "labels": ("l.png", png_bytes(np.full((32, 32), 300, np.uint16)), "image/png")}, {}, 400,
+         "0..254"),
+    ],
+    ids=["not-an-image", "empty", "truncated", "text-field", "nothing", "rgb-labels", "labels-size", "all-unknown",
+         "labels-range"],
+)
+def test_bad_uploads_are_4xx_and_the_server_keeps_serving(client, files, data, status, message):
+    response = client.post("/api/refine", files=files or None, data=data)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert client.post("/api/refine", data={"sample": "true", "num_iterations": "1"}).status_code == 200
+
+
+def test_wrong_content_type_is_415(client):
+    response = client.post("/api/refine", content=json.dumps({"image": "/etc/passwd"}),
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 415 and "multipart" in response.json()["error"]
+
+
+def test_upload_size_limit():
+    from fastapi.testclient import TestClient
+
+    limits = Limits(max_upload_bytes=20_000, work_side=64)
+    client = TestClient(create_app(Engine(limits=limits)))
+    rng = np.random.default_rng(0)
+    big = png_bytes(rng.integers(0, 256, size=(100, 100, 3), dtype=np.uint8))  # noise: ~30 kB of PNG
+    assert len(big) > 20_000
+    response = client.post("/api/refine", files={"image": ("big.png", big, "image/png")})
+    assert response.status_code == 413 and "the image is 30" in response.json()["error"]  # checked per file
+    huge = png_bytes(rng.integers(0, 256, size=(200, 200, 3), dtype=np.uint8))  # and per request, while reading
+    response = client.post("/api/refine", files={"image": ("huge.png", huge, "image/png")})
+    assert response.status_code == 413 and "upload too large" in response.json()["error"]
+    small = png_bytes(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8))
+    assert client.post("/api/refine", files={"image": ("s.png", small, "image/png")}).status_code == 200
+
+
+def _run_asgi(middleware, headers, chunks):
+    """Drive the middleware with a streamed body; return (status, body, number of chunks it read, app called)."""
+    import asyncio
+
+    read = []
+    sent = []
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(True)
+
+    async def receive():
+        if len(read) < len(chunks):
+            read.append(chunks[len(read)])
+            return {"type": "http.request", "body": read[-1], "more_body": len(read) < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "headers": headers, "path": "/api/refine"}
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=middleware)(scope, receive, send))
+    status = sent[0]["status"] if sent else None
+    body = json.loads(sent[1]["body"]) if len(sent) > 1 else None
+    return status, body, len(read), bool(called)
+
+
+def test_body_limit_is_enforced_while_reading():
+    chunks = [b"x" * 1000] * 100  # 100 kB, streamed without a Content-Length
+    status, body, read, called = _run_asgi(10_000, [], chunks)
+    assert status == 413 and "upload too large" in body["error"]
+    assert read == 11 and not called  # it stopped at the first chunk past the limit, and the app never ran
+    # a declared Content-Length over the limit is refused before a byte is read
+    status, _, read, called = _run_asgi(10_000, [(b"content-length", b"100000")], chunks)
+    assert (status, read, called) == (413, 0, False)
+    # within the limit the whole body reaches the app
+    status, _, read, called = _run_asgi(10_000, [], chunks[:5])
+    assert (status, read, called) == (None, 5, True)
+
+
+def test_large_images_are_downscaled_or_refused():
+    from fastapi.testclient import TestClient
+
+    photo, _ = two_region_photo(100, 200, split=100)
+    down = TestClient(create_app(Engine(limits=Limits(max_side=150, work_side=64))))
+    answer = down.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png")}).json()
+    assert (answer["width"], answer["height"]) == (64, 32)
+    assert any("downscaled from 200x100" in note and "150 px limit" in note for note in answer["notes"])
+    refuse = TestClient(create_app(Engine(limits=Limits(max_side=150, work_side=64, downscale=False))))
+    response = refuse.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png")})
+    assert response.status_code == 413
+    assert "200x100" in response.json()["error"] and "150x150" in response.json()["error"]
+    small, _ = two_region_photo(100, 120, split=60)  # within max_side: only brought to work_side, with a note
+    answer = refuse.post("/api/refine", files={"image": ("p.png", png_bytes(small), "image/png")}).json()
+    assert (answer["width"], answer["height"]) == (64, 53) and "processed at most 64 px" in answer["notes"][0]
+    # beyond max_pixels an image is refused before its pixels are decoded, even when downscaling is on
+    bomb = TestClient(create_app(Engine(limits=Limits(max_side=16, max_pixels=10_000, work_side=16))))
+    response = bomb.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png")})
+    assert response.status_code == 413 and "200x100" in response.json()["error"]
+
+
+def test_image_modes_are_converted(client):
+    photo, _ = two_region_photo(30, 30, split=15)
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
+    sixteen = (grey.astype(np.uint16) * 256)
+    for data, expected in ((png_bytes(grey), np.repeat(grey[..., None], 3, axis=2)), (png_bytes(rgba), photo),
+                           (png_bytes(sixteen), np.repeat(grey[..., None], 3, axis=2))):
+        answer = client.post("/api/refine", data={"num_iterations": "1"},
+                             files={"image": ("p.png", data, "image/png")}).json()
+        np.testing.assert_array_equal(_photo(answer), expected)
+
+
+def test_exif_orientation_is_applied(client):
+    photo, _ = two_region_photo(20, 40, split=20)
+    im = Image.fromarray(photo)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    im.save(buffer, format="JPEG", exif=exif, quality=95)
+    answer = client.post("/api/refine", data={"num_iterations": "1"},
+                         files={"image": ("p.jpg", buffer.getvalue(), "image/jpeg")}).json()
+    assert (answer["width"], answer["height"]) == (20, 40)
+
+
+def test_a_server_fault_is_500_and_the_next_request_works(refine_engine, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(refine_engine), raise_server_exceptions=False)
+    original = refine_engine.refine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated fault")
+
+    monkeypatch.setattr(refine_engine, "refine", broken)
+    response = client.post("/api/refine", data={"sample": "true"})
+    assert response.status_code == 500 and "simulated fault" in response.json()["error"]
+    monkeypatch.setattr(refine_engine, "refine", original)
+    assert client.post("/api/refine", data={"sample": "true", "num_iterations": "1"}).status_code == 200
+
+
+# --- concurrency on a real server ----------------------------------------------------------------------------------
+
+
+def test_parallel_requests_get_their_own_results(live_server):
+    import httpx
+
+    cases = []
+    for seed, (vertical, split) in enumerate([(True, 20), (False, 30), (True, 44), (False, 12)]):
+        photo, truth = two_region_photo(56, 64, split=split, vertical=vertical, seed=seed)
+        cases.append((photo, truth, coarse_of(truth, shift=4, band=2, vertical=vertical)))
+
+    def post(case):
+        photo, _, coarse = case
+        with httpx.Client(base_url=live_server.url, timeout=120) as http:
+            response = http.post("/api/refine", data={"num_iterations": "5"},
+                                 files={"image": ("p.png", png_bytes(photo), "image/png"),
+                                        "labels": ("l.png", png_bytes(coarse, palette=True), "image/png")})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    sequential = [post(case) for case in cases]
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        parallel = list(pool.map(post, cases * 2))
+    for i, answer in enumerate(parallel):
+        photo, truth, coarse = cases[i % len(cases)]
+        np.testing.assert_array_equal(_photo(answer), photo)
+        np.testing.assert_array_equal(_labels(_view(answer, "input")), coarse)
+        refined = _labels(_view(answer, "refined"))
+        np.testing.assert_array_equal(refined, _labels(_view(sequential[i % len(cases)], "refined")))
+        assert (refined == truth).mean() > 0.98
+
+
+# --- segmentation mode (a tiny network with random weights) ---------------------------------------------------------
+
+
+def test_segment_crf_and_fcn_views_equal_the_network(segment_client, segment_engine):
+    info = segment_client.get("/api/info").json()
+    assert info["mode"] == "segment" and info["modes"] == ["segment", "refine"]
+    response = segment_client.post("/api/segment", data={"sample": "true"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    photo = _photo(answer)
+    np.testing.assert_array_equal(photo, segment_engine.sample_photo())
+    net = segment_engine.model
+    prepared = prepare(photo, max_size=96)
+    with torch.no_grad():
+        x = prepared.tensor[None]
+        expected_crf = postprocess(net(x)[0], prepared.resized_size, prepared.original_size)
+        expected_fcn = postprocess(net.forward_fcn(x)[0], prepared.resized_size, prepared.original_size)
+    crf, fcn = _labels(_view(answer, "crf")), _labels(_view(answer, "fcn"))
+    np.testing.assert_array_equal(crf, expected_crf)
+    np.testing.assert_array_equal(fcn, expected_fcn)
+    assert len(np.unique(fcn)) > 1 and (crf != fcn).any()  # two different results behind the toggle
+    for key in ("crf", "fcn"):
+        _check_view_consistency(answer, _view(answer, key), lambda k: VOC_CLASSES[k])
+
+
+def test_segment_upload_and_refine_in_segment_mode(segment_client):
+    photo, truth = two_region_photo(40, 60, split=30)
+    answer = segment_client.post("/api/segment", files={"image": ("p.png", png_bytes(photo), "image/png")}).json()
+    assert (answer["width"], answer["height"]) == (60, 40) and _labels(_view(answer, "crf")).shape == (40, 60)
+    coarse = coarse_of(truth, shift=4, band=2)
+    response = segment_client.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png"),
+                                                         "labels": ("l.png", png_bytes(coarse, palette=True),
+                                                                    "image/png")})
+    assert response.status_code == 200 and (_labels(_view(response.json(), "refined")) == truth).mean() > 0.98
+    bad = segment_client.post("/api/segment", files={"image": ("p.png", b"GIF89a broken", "image/gif")})
+    assert bad.status_code == 400 and "corrupt" in bad.json()["error"] or "not an image" in bad.json()["error"]

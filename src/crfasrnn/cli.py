@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -15,23 +19,180 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(args.output, num_iterations=args.iterations, device=args.device)
     for path in result.files:
         print(f"wrote {path}")
-    share = 100.0 * result.changed_pixels / result.total_pixels
+    share = 100.0 * result.changed_pixels / max(result.labelled_pixels, 1)
     print(
-        f"CRF-RNN refinement changed the label of {result.changed_pixels} of {result.total_pixels} pixels "
-        f"({share:.1f} %) in {result.seconds:.2f} s"
+        f"CRF refinement changed the label of {result.changed_pixels} of the {result.labelled_pixels} labelled pixels "
+        f"({share:.1f} %) and labelled the {result.unknown_pixels} unknown pixels, in {result.seconds:.2f} s"
     )
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- refine
+
+
+def _unknown(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _refine_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
+    """(image, labels-or-probs, output) triples: one for a file, one per image for a folder or a glob pattern."""
+    source = args.labels if args.labels is not None else args.probs
+    suffix = ".png" if args.labels is not None else ".npy"
+    what = "--labels" if args.labels is not None else "--probs"
+    image = args.image
+    if not _is_pattern(image) and not Path(image).is_dir():
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image not found: {image}")
+        if Path(source).is_dir():
+            raise ValueError(f"{what} {source} is a folder but IMAGE is a single file")
+        output = Path(args.output) if args.output else Path(f"{Path(image).stem}_refined.png")
+        if output.is_dir():
+            output = output / f"{Path(image).stem}.png"
+        return [(Path(image), Path(source), output)]
+    if _is_pattern(image):
+        images = sorted(Path(p) for p in glob.glob(image) if Path(p).is_file())
+    else:
+        images = sorted(p for p in Path(image).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"no images match {image}")
+    if not Path(source).is_dir():
+        raise ValueError(f"IMAGE {image} names several images, so {what} must be a folder of <name>{suffix} files")
+    stems = [p.stem for p in images]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"several images share the name {duplicates[0]!r}: their outputs would collide")
+    out_dir = Path(args.output) if args.output else Path("refined")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} is a file, but several images need a folder")
+    jobs = []
+    for path in images:
+        counterpart = Path(source) / f"{path.stem}{suffix}"
+        if not counterpart.is_file():
+            raise FileNotFoundError(f"{what}: no {counterpart} for image {path}")
+        jobs.append((path, counterpart, out_dir / f"{path.stem}.png"))
+    return jobs
+
+
+def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num_iterations: int):
+    """Read one job's inputs and refine them; returns (photo, annotation or None, coarse labels or None, refined)."""
+    from .image import read_annotation, read_image, read_probabilities
+    from .refine import refine
+
+    photo = read_image(image_path)
+    params = dict(
+        num_iterations=num_iterations, theta_alpha=args.theta_alpha, theta_beta=args.theta_beta,
+        theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight, bilateral_weight=args.bilateral_weight,
+        device=args.device,
+    )
+    try:
+        if args.labels is not None:
+            annotation = read_annotation(source, labels_as=args.labels_as, unknown_label=args.unknown)
+            num_classes = args.num_classes if args.num_classes is not None else annotation.num_classes
+            refined = refine(photo, labels=annotation.labels, num_classes=num_classes, gt_prob=args.gt_prob,
+                             unknown_label=annotation.unknown_label, **params)
+            return photo, annotation, annotation.labels, refined
+        probs = read_probabilities(source, photo.shape[:2])
+        refined = refine(photo, probs=probs, num_classes=args.num_classes, normalize=args.normalize, **params)
+        return photo, None, None, refined
+    except ValueError as exc:
+        if str(source) in str(exc):
+            raise
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def _refine(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .image import overlay, save_annotation, save_image, save_label_map, voc_palette
+
+    jobs = _refine_jobs(args)
+    # First pass: read and check every input (the unary is built, no iteration run) before anything is written.
+    for image_path, source, _ in tqdm(jobs, desc="checking", unit="image", disable=len(jobs) < 2):
+        _refine_one(args, image_path, source, num_iterations=0)
+    changed = labelled = unknown = total = 0
+    for image_path, source, output in tqdm(jobs, desc="refining", unit="image", disable=len(jobs) < 2):
+        photo, annotation, coarse, refined = _refine_one(args, image_path, source, num_iterations=args.iterations)
+        colors = voc_palette() if annotation is None else annotation.colors()
+        blend = overlay(photo, refined, colors) if args.overlay else None
+        if annotation is None:
+            save_label_map(refined, output)
+        else:
+            save_annotation(annotation, refined, output)
+            known = coarse != annotation.unknown_label if annotation.unknown_label is not None else coarse >= 0
+            changed += int((refined[known] != coarse[known]).sum())
+            labelled += int(known.sum())
+            unknown += int((~known).sum())
+        total += refined.size
+        if blend is not None:
+            save_image(blend, output.with_name(f"{output.stem}_overlay.png"))
+        if len(jobs) == 1:
+            print(f"wrote {output}" + (f" and {output.with_name(output.stem + '_overlay.png')}" if args.overlay else ""))
+    if len(jobs) > 1:
+        print(f"wrote {len(jobs)} refined label maps to {jobs[0][2].parent}")
+    if args.labels is not None:
+        print(f"changed the label of {changed} of {labelled} labelled pixels and labelled {unknown} unknown pixels")
+    return 0
+
+
+def _add_refine_parser(sub) -> None:
+    p = sub.add_parser(
+        "refine",
+        help="refine a rough label map or class probabilities with a dense CRF",
+        description="Dense-CRF refinement of a label map (--labels) or class probabilities (--probs) of IMAGE. IMAGE "
+        "may be a folder or a glob pattern; then --labels/--probs is a folder of <name>.png / <name>.npy files and -o "
+        "a folder. Label maps: palette PNGs (VOC colours or a grey ramp) and grey PNGs are read as integers and keep "
+        "their format; RGB annotations (and palette PNGs with other colours) have one class per colour and black "
+        "for unknown, and are written back in their colours. Probabilities: .npy arrays (C, H, W) or (H, W, C), "
+        "possibly at a lower resolution with the image's aspect ratio.",
+    )
+    p.add_argument("image", help="photo, folder of photos, or glob pattern (quote it)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", help="label map PNG (or folder of them)")
+    src.add_argument("--probs", help="class probabilities .npy (or folder of them)")
+    p.add_argument("-o", "--output", help="output PNG, or folder (default: <image>_refined.png; for folders: refined/)")
+    p.add_argument("--overlay", action="store_true", help="also write <output>_overlay.png (photo blended with labels)")
+    p.add_argument("--labels-as", choices=("auto", "index", "color"), default="auto",
+                   help="read the label map as integers or as one class per colour (default: auto, see above)")
+    p.add_argument("--unknown", type=_unknown, default=255,
+                   help="label value of unlabelled pixels in integer maps, or 'none' (default: 255)")
+    p.add_argument("--num-classes", type=int, help="class count (default: largest label + 1, or the colour count)")
+    p.add_argument("--normalize", action="store_true", help="rescale probabilities to sum to 1 instead of refusing")
+    p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
+    p.add_argument("--theta-alpha", type=float, default=80.0,
+                   help="bilateral kernel, position bandwidth in pixels (pydensecrf bilateral sxy; default: 80)")
+    p.add_argument("--theta-beta", type=float, default=13.0,
+                   help="bilateral kernel, colour bandwidth in 0..255 (pydensecrf srgb; default: 13)")
+    p.add_argument("--theta-gamma", type=float, default=3.0,
+                   help="spatial kernel bandwidth in pixels (pydensecrf Gaussian sxy; default: 3)")
+    p.add_argument("--spatial-weight", type=float, default=3.0,
+                   help="spatial kernel Potts weight (pydensecrf Gaussian compat; default: 3)")
+    p.add_argument("--bilateral-weight", type=float, default=10.0,
+                   help="bilateral kernel Potts weight (pydensecrf bilateral compat; default: 10)")
+    p.add_argument("--gt-prob", type=float, default=0.7,
+                   help="confidence in the given labels, as pydensecrf's unary_from_labels (default: 0.7)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(func=_refine)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crfasrnn", description="CRF-RNN semantic segmentation for PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="refine a coarse segmentation of the bundled photo with the CRF-RNN layer")
+    demo = sub.add_parser("demo", help="refine the bundled coarse annotation of the bundled photo with a dense CRF")
     demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
     demo.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     demo.set_defaults(func=_demo)
+    _add_refine_parser(sub)
     return parser
 
 
@@ -42,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as exc:
-        print(f"crfasrnn {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the exception's text
+        print(f"crfasrnn {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

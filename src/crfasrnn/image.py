@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 __all__ = [
     "voc_palette",
@@ -22,6 +23,13 @@ __all__ = [
     "save_image",
     "side_by_side",
     "bundled_photo_path",
+    "bundled_annotation_path",
+    "Annotation",
+    "read_annotation",
+    "save_annotation",
+    "read_probabilities",
+    "overlay",
+    "figure_with_legend",
 ]
 
 
@@ -72,6 +80,9 @@ def _atomic_save(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
         umask = os.umask(0o022)
@@ -117,3 +128,259 @@ def side_by_side(*images: np.ndarray, gap: int = 8) -> np.ndarray:
 def bundled_photo_path() -> Path:
     """The photograph shipped with the package (NASA astronaut portrait, public domain; see data/LICENSE-images.txt)."""
     return Path(__file__).with_name("data") / "astronaut.jpg"
+
+
+def bundled_annotation_path() -> Path:
+    """A coarse annotation of the bundled photo (palette PNG, VOC colours, 255 = unknown; see data/LICENSE-images.txt)."""
+    return Path(__file__).with_name("data") / "astronaut_coarse.png"
+
+
+@dataclass
+class Annotation:
+    """A label map read from a file, with what is needed to write a result back in the same format.
+
+    Attributes:
+        labels: (H, W) int64 labels; pixels with no label hold ``unknown_label``.
+        unknown_label: the value of unlabelled pixels (``None``: every pixel is labelled).
+        kind: ``"index"`` (the pixel values are the labels) or ``"color"`` (each colour is a class, black is unknown).
+        mode: the file's PIL mode (``"P"``, ``"L"``, ``"I;16"``, ``"I"``, ``"RGB"``), which a result is written in.
+        palette: (N, 3) uint8 palette of a ``"P"`` file, else ``None``.
+        class_colors: (C, 3) uint8 colour of each class of a ``"color"`` annotation, else ``None``.
+        class_values: (C,) the palette index of each class of a ``"color"`` annotation read from a ``"P"`` file.
+    """
+
+    labels: np.ndarray
+    unknown_label: int | None
+    kind: str
+    mode: str
+    palette: np.ndarray | None = None
+    class_colors: np.ndarray | None = None
+    class_values: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count a colour annotation defines (its distinct non-black colours); ``None`` for index maps."""
+        return None if self.class_colors is None else len(self.class_colors)
+
+    def colors(self) -> np.ndarray:
+        """(N, 3) uint8: the colour of each label value of a result (for overlays and figures)."""
+        if self.class_colors is not None:
+            return self.class_colors
+        if self.palette is not None:
+            return np.concatenate([self.palette, voc_palette()[len(self.palette):]]) if len(self.palette) < 256 else self.palette
+        return voc_palette()
+
+    def encode(self, labels: np.ndarray) -> Image.Image:
+        """(H, W) labels of this annotation's classes as an image in the file's format."""
+        labels = np.asarray(labels)
+        if labels.ndim != 2:
+            raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+        high = int(labels.max()) if labels.size else 0
+        if labels.size and int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0 to be written, got minimum {int(labels.min())}")
+        if self.kind == "color":
+            if high >= len(self.class_colors):
+                raise ValueError(f"label {high} has no colour: the annotation defines {len(self.class_colors)} colours")
+            if self.mode == "P":
+                im = Image.fromarray(self.class_values[labels].astype(np.uint8), mode="P")
+                im.putpalette(self.palette.reshape(-1).tolist())
+                return im
+            return Image.fromarray(self.class_colors[labels])
+        if self.mode == "P":
+            if high > 255:
+                raise ValueError(f"label {high} does not fit a palette PNG (0..255)")
+            im = Image.fromarray(labels.astype(np.uint8), mode="P")
+            im.putpalette(self.palette.reshape(-1).tolist())
+            return im
+        if self.mode == "L":
+            if high > 255:
+                raise ValueError(f"label {high} does not fit an 8-bit PNG (0..255)")
+            return Image.fromarray(labels.astype(np.uint8), mode="L")
+        if high > 65535:
+            raise ValueError(f"label {high} does not fit a 16-bit PNG (0..65535)")
+        return Image.fromarray(labels.astype(np.uint16), mode="I;16")
+
+
+#: The most classes a colour annotation may define (more colours mean a photo or a smoothed image, not labels).
+MAX_COLOR_CLASSES = 256
+
+_INDEX_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "P")
+
+
+def _follows_index_palette(palette: np.ndarray, used: np.ndarray) -> bool:
+    """Whether the used palette entries are the VOC colours or a grey ramp (then the indices are the labels)."""
+    voc = voc_palette()
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    return bool(np.array_equal(palette[used], voc[used]) or np.array_equal(palette[used], grey[used]))
+
+
+def read_annotation(path: str | os.PathLike, *, labels_as: str = "auto", unknown_label: int | None = 255) -> Annotation:
+    """Read a label map in any of the usual formats.
+
+    - a palette PNG whose used colours are the VOC palette (or a grey ramp), an 8-bit or 16-bit grey PNG: the pixel
+      values are the labels (``"index"``), and ``unknown_label`` (255 by default, VOC's "void") marks unlabelled pixels;
+    - an RGB(A) image, or a palette PNG with other colours: each distinct colour is a class, black is unknown
+      (``"color"``, the convention of the classic dense-CRF examples); classes are numbered by the packed colour value
+      ``r + 256 g + 65536 b`` (as pydensecrf's example does) and the unknown value is -1.
+
+    Args:
+        path: the file.
+        labels_as: ``"auto"`` (as above), ``"index"`` or ``"color"`` to force a reading.
+        unknown_label: the unlabelled value of index maps (``None``: none).
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or unreadable file, or a format that cannot hold labels.
+    """
+    if labels_as not in ("auto", "index", "color"):
+        raise ValueError(f"labels_as must be 'auto', 'index' or 'color', got {labels_as!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label map not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            values = np.asarray(im)
+            palette = None
+            if mode == "P":
+                raw = im.getpalette() or []
+                palette = np.zeros((256, 3), dtype=np.uint8)
+                entries = np.asarray(raw, dtype=np.uint8).reshape(-1, 3)[:256]
+                palette[: len(entries)] = entries
+            rgb = np.asarray(im.convert("RGB")) if mode not in ("L", "I", "I;16", "I;16B", "I;16L") else None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read label map {path}: {exc}") from exc
+    if values.ndim != 2 and mode not in ("RGB", "RGBA"):
+        raise ValueError(f"label map {path} has unsupported mode {mode}")
+    kind = labels_as
+    if kind == "auto":
+        if mode == "P":
+            kind = "index" if _follows_index_palette(palette, np.unique(values)) else "color"
+        elif mode in _INDEX_MODES:
+            kind = "index"
+        elif mode in ("RGB", "RGBA"):
+            kind = "color"
+        else:
+            raise ValueError(f"label map {path} has unsupported mode {mode}: use a palette, grey or RGB PNG")
+    if kind == "index":
+        if mode not in _INDEX_MODES:
+            raise ValueError(f"label map {path} is {mode}, not a single-channel image: it cannot be read as indices")
+        out_mode = "P" if mode == "P" else ("L" if mode == "L" else "I;16")
+        return Annotation(values.astype(np.int64), unknown_label, "index", out_mode, palette=palette)
+    if rgb is None:
+        raise ValueError(f"label map {path} is a grey image ({mode}): it cannot be read as colours")
+    packed = rgb[..., 0].astype(np.int64) | (rgb[..., 1].astype(np.int64) << 8) | (rgb[..., 2].astype(np.int64) << 16)
+    codes, inverse = np.unique(packed, return_inverse=True)
+    inverse = inverse.reshape(packed.shape)
+    has_unknown = codes[0] == 0
+    labels = inverse - 1 if has_unknown else inverse
+    classes = codes[1:] if has_unknown else codes
+    if len(classes) == 0:
+        raise ValueError(f"label map {path} is all black: no pixel is labelled")
+    if len(classes) > MAX_COLOR_CLASSES:
+        raise ValueError(
+            f"label map {path} has {len(classes)} colours: read as one class per colour it is not an annotation "
+            f"(at most {MAX_COLOR_CLASSES}); is it a photo?"
+        )
+    colors = np.stack([classes & 255, (classes >> 8) & 255, (classes >> 16) & 255], axis=1).astype(np.uint8)
+    class_values = None
+    if mode == "P":
+        # the first palette index of each class colour, to write results back with the file's palette
+        first = {}
+        for index in np.unique(values)[::-1]:
+            r, g, b = (int(x) for x in palette[index])
+            first[r | (g << 8) | (b << 16)] = index
+        class_values = np.array([first[int(c)] for c in classes], dtype=np.int64)
+    return Annotation(labels.astype(np.int64), -1 if has_unknown else None, "color", "P" if mode == "P" else "RGB",
+                      palette=palette, class_colors=colors, class_values=class_values)
+
+
+def save_annotation(annotation: Annotation, labels: np.ndarray, path: str | os.PathLike) -> None:
+    """Write (H, W) labels in the format and colours of ``annotation`` (atomically)."""
+    _atomic_save(annotation.encode(labels), Path(path))
+
+
+def read_probabilities(path: str | os.PathLike, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read class probabilities from a ``.npy`` file as a (C, H, W) float array.
+
+    Accepted layouts: (C, H, W) and (H, W, C). Which one is decided by ``image_size`` (H, W): the layout whose spatial
+    axes equal it, or else have its aspect ratio at a lower resolution (C, H, W wins a tie). Without ``image_size`` the
+    file must be (C, H, W).
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or unreadable file, or an array of another rank, dtype or size.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"probabilities not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"cannot read probabilities {path}: {exc}") from exc
+    if not isinstance(array, np.ndarray) or array.ndim != 3:
+        shape = getattr(array, "shape", None)
+        raise ValueError(f"probabilities {path} must be a (C, H, W) or (H, W, C) array, got shape {shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"probabilities {path} must be floating point, got dtype {array.dtype}")
+    if image_size is None:
+        return array
+    height, width = image_size
+
+    def fits(h: int, w: int, exact: bool) -> bool:
+        if exact:
+            return (h, w) == (height, width)
+        return h <= height and w <= width and (abs(h - height * w / width) <= 1 or abs(w - width * h / height) <= 1)
+
+    for exact in (True, False):
+        if fits(*array.shape[1:], exact):
+            return array
+        if fits(*array.shape[:2], exact):
+            return np.moveaxis(array, 2, 0)
+    raise ValueError(
+        f"probabilities {path} of shape {array.shape} fit neither (C, H, W) nor (H, W, C) for the image's "
+        f"{height}x{width} (HxW)"
+    )
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, colors: np.ndarray | None = None, *, alpha: float = 0.5) -> np.ndarray:
+    """Blend an (H, W, 3) uint8 photo with the colours of (H, W) labels: ``(1 − alpha)·photo + alpha·colour``."""
+    image = np.asarray(image)
+    labels = np.asarray(labels)
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape} and labels {labels.shape} must share H, W")
+    colored = colorize(labels, colors).astype(np.float32)
+    return ((1.0 - alpha) * image.astype(np.float32) + alpha * colored).round().clip(0, 255).astype(np.uint8)
+
+
+def figure_with_legend(
+    panels: list[np.ndarray], titles: list[str], legend: list[tuple[str, tuple[int, int, int]]], *, gap: int = 8
+) -> np.ndarray:
+    """Panels side by side (see :func:`side_by_side`) with a title above each and a colour legend below.
+
+    Args:
+        panels: (H, W, 3) uint8 images of one height.
+        titles: one title per panel.
+        legend: ``(name, (r, g, b))`` entries, drawn as swatches with their names.
+
+    Returns:
+        (H', W', 3) uint8 figure on a white background.
+    """
+    if len(titles) != len(panels):
+        raise ValueError(f"{len(panels)} panels but {len(titles)} titles")
+    row = side_by_side(*panels, gap=gap)
+    font = ImageFont.load_default()
+    line = 18
+    swatch = 12
+    canvas = Image.new("RGB", (row.shape[1], row.shape[0] + 2 * line + 8), "white")
+    canvas.paste(Image.fromarray(row), (0, line))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for panel, title in zip(panels, titles):
+        draw.text((x + 2, 3), title, fill="black", font=font)
+        x += panel.shape[1] + gap
+    x, y = 2, line + row.shape[0] + 6
+    for name, color in legend:
+        draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in color), outline="black")
+        draw.text((x + swatch + 4, y), name, fill="black", font=font)
+        x += swatch + 12 + int(draw.textlength(name, font=font))
+    return np.asarray(canvas)

@@ -26,18 +26,32 @@ from serve_helpers import (  # noqa: E402,F401  (fixtures are used by name)
     two_region_photo,
 )
 
-from crfasrnn.demo import coarse_block_labels  # noqa: E402
+from crfasrnn.demo import DEMO_CLASSES  # noqa: E402
+from crfasrnn.image import bundled_annotation_path, overlay, read_annotation, voc_palette  # noqa: E402
 from crfasrnn.refine import refine  # noqa: E402
 from crfasrnn.serve import Engine, Limits, create_app  # noqa: E402
 from crfasrnn.serve.app import BodyLimitMiddleware  # noqa: E402
-from crfasrnn.serve.engine import class_table, overlay  # noqa: E402
+from crfasrnn.serve.engine import class_table, decode_image  # noqa: E402
 from crfasrnn.transforms import VOC_CLASSES, postprocess, prepare  # noqa: E402
 
 
 def _labels(view) -> np.ndarray:
     im = decode_png(view["labels_png"])
-    assert im.mode == "P"  # a palette PNG: the VOC colours travel with the labels
+    assert im.mode == "P"  # a palette PNG: the colours travel with the labels
     return np.asarray(im).astype(np.int64)
+
+
+def _palette(view) -> np.ndarray:
+    return np.asarray(decode_png(view["labels_png"]).getpalette(), np.uint8).reshape(-1, 3)
+
+
+def _files(photo, labels=None, **extra):
+    """Multipart files: the photo, and a label map (default: the photo's left and right halves)."""
+    if labels is None:
+        labels = np.zeros(photo.shape[:2], np.uint8)
+        labels[:, photo.shape[1] // 2 :] = 1
+    return {"image": ("p.png", png_bytes(photo), "image/png"),
+            "labels": ("l.png", png_bytes(labels, palette=labels.ndim == 2), "image/png"), **extra}
 
 
 def _photo(answer) -> np.ndarray:
@@ -52,6 +66,7 @@ def _view(answer, key):
 def _check_view_consistency(answer, view, names):
     """The class table counts the label map's pixels; the overlay is the photo blended with the label colours."""
     labels = _labels(view)
+    palette = _palette(view)
     photo = _photo(answer)
     assert labels.shape == photo.shape[:2] == (answer["height"], answer["width"])
     counts = np.bincount(labels.reshape(-1), minlength=256)
@@ -62,7 +77,9 @@ def _check_view_consistency(answer, view, names):
     assert [row["pixels"] for row in view["classes"]] == sorted((row["pixels"] for row in view["classes"]), reverse=True)
     for row in view["classes"]:
         assert row["name"] == names(row["label"])
-    np.testing.assert_array_equal(np.asarray(decode_png(view["overlay_png"]).convert("RGB")), overlay(photo, labels))
+        assert row["color"] == "#%02x%02x%02x" % tuple(palette[row["label"]])
+    np.testing.assert_array_equal(np.asarray(decode_png(view["overlay_png"]).convert("RGB")),
+                                  overlay(photo, labels, palette))
 
 
 # --- page and info -------------------------------------------------------------------------------------------------
@@ -116,19 +133,20 @@ def test_refine_sample_equals_the_library(client, refine_engine):
     assert max(answer["width"], answer["height"]) == 128  # work_side of the fixture
     photo = _photo(answer)
     np.testing.assert_array_equal(photo, refine_engine.sample_photo())
-    coarse = refine_engine.sample_labels()
-    if coarse is None:
-        coarse = coarse_block_labels(photo)
+    # the input is the bundled annotation (crfasrnn demo's), brought to the photo's size
+    annotation = read_annotation(bundled_annotation_path())
+    coarse = np.asarray(Image.fromarray(annotation.labels.astype(np.uint8)).resize((128, 128), Image.NEAREST))
+    coarse = coarse.astype(np.int64)
     np.testing.assert_array_equal(_labels(_view(answer, "input")), coarse)
-    known = coarse[coarse != 255]
-    expected = refine(photo, labels=coarse, num_classes=int(known.max()) + 1, unknown_label=255, **params)
+    expected = refine(photo, labels=coarse, num_classes=len(DEMO_CLASSES), unknown_label=255, **params)
     refined = _labels(_view(answer, "refined"))
     np.testing.assert_array_equal(refined, expected)
     assert (refined != coarse).any()  # the CRF did something
     assert answer["parameters"] == params
     assert answer["seconds"] >= answer["compute_seconds"] > 0
+    assert answer["classes"] == list(DEMO_CLASSES)
     for key in ("refined", "input"):
-        _check_view_consistency(answer, _view(answer, key), lambda k: "unknown" if k == 255 else f"label {k}")
+        _check_view_consistency(answer, _view(answer, key), lambda k: "unknown" if k == 255 else DEMO_CLASSES[k])
 
 
 def test_refine_uploaded_labels_snap_to_the_edge(client):
@@ -153,11 +171,25 @@ def test_refine_uploaded_labels_snap_to_the_edge(client):
     np.testing.assert_array_equal(_labels(_view(again.json(), "refined")), refined)
 
 
-def test_refine_without_labels_clusters_the_upload(client):
+def test_refine_of_an_upload_needs_a_label_map(client):
     photo, _ = two_region_photo(40, 40, split=20)
-    answer = client.post("/api/refine", files={"image": ("p.jpg", png_bytes(photo, fmt="JPEG"), "image/jpeg")}).json()
-    assert answer["labels_source"] == "auto" and any("clustering" in n for n in answer["notes"])
-    np.testing.assert_array_equal(_labels(_view(answer, "input")), coarse_block_labels(_photo(answer)))
+    response = client.post("/api/refine", files={"image": ("p.jpg", png_bytes(photo, fmt="JPEG"), "image/jpeg")})
+    assert response.status_code == 400 and "needs a label map" in response.json()["error"]
+
+
+def test_refine_colour_annotation_keeps_its_colours(client):
+    photo, truth = two_region_photo(40, 60, split=30, vertical=False)
+    coarse = coarse_of(truth, shift=4, band=2, vertical=False)
+    colours = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)  # the classic dense-CRF convention: black = unknown
+    annotation = np.zeros(truth.shape + (3,), np.uint8)
+    annotation[coarse == 0], annotation[coarse == 1] = colours[0], colours[1]
+    answer = client.post("/api/refine", files=_files(photo, annotation)).json()
+    refined_view, input_view = _view(answer, "refined"), _view(answer, "input")
+    assert (_labels(refined_view) == truth).mean() > 0.98
+    np.testing.assert_array_equal(_labels(input_view), np.where(coarse == 255, 255, coarse))
+    assert {row["color"] for row in refined_view["classes"]} == {"#ff0000", "#0000ff"}
+    for view in (refined_view, input_view):
+        _check_view_consistency(answer, view, lambda k: "unknown" if k == 255 else f"colour {k}")
 
 
 def test_zero_iterations_keep_the_input_labels(client):
@@ -169,13 +201,13 @@ def test_zero_iterations_keep_the_input_labels(client):
     np.testing.assert_array_equal(_labels(_view(answer, "refined")), coarse)
 
 
-def test_raw_image_body(client):
+def test_raw_image_body(segment_client):
     photo, _ = two_region_photo(24, 40, split=20)
-    response = client.post("/api/refine?num_iterations=2", content=png_bytes(photo),
-                           headers={"content-type": "image/png"})
+    response = segment_client.post("/api/segment", content=png_bytes(photo), headers={"content-type": "image/png"})
     assert response.status_code == 200, response.text
-    assert response.json()["parameters"]["num_iterations"] == 2
     np.testing.assert_array_equal(_photo(response.json()), photo)
+    sample = segment_client.post("/api/refine?sample=true&num_iterations=2")  # query parameters without a body
+    assert sample.status_code == 200 and sample.json()["parameters"]["num_iterations"] == 2
 
 
 @pytest.mark.parametrize(
@@ -212,7 +244,7 @@ def _truncated_png() -> bytes:
         ({}, {"image": "a string, not a file"}, 400, "must be a file upload"),
         ({}, {}, 400, "no image"),
         ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
-          "labels": ("l.png", png_bytes(two_region_photo(32, 32)[0]), "image/png")}, {}, 400, "palette or grayscale"),
+          "labels": ("l.png", png_bytes(two_region_photo(32, 32)[0]), "image/png")}, {}, 400, "is it a photo"),
         ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
           "labels": ("l.png", png_bytes(np.zeros((32, 50), np.uint8)), "image/png")}, {}, 400, "sizes must agree"),
         ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
@@ -251,8 +283,8 @@ def test_upload_size_limit():
     huge = png_bytes(rng.integers(0, 256, size=(200, 200, 3), dtype=np.uint8))  # and per request, while reading
     response = client.post("/api/refine", files={"image": ("huge.png", huge, "image/png")})
     assert response.status_code == 413 and "upload too large" in response.json()["error"]
-    small = png_bytes(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8))
-    assert client.post("/api/refine", files={"image": ("s.png", small, "image/png")}).status_code == 200
+    small = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    assert client.post("/api/refine", files=_files(small)).status_code == 200
 
 
 def _run_asgi(middleware, headers, chunks):
@@ -298,34 +330,41 @@ def test_body_limit_is_enforced_while_reading():
 def test_large_images_are_downscaled_or_refused():
     from fastapi.testclient import TestClient
 
-    photo, _ = two_region_photo(100, 200, split=100)
+    photo, truth = two_region_photo(100, 200, split=100)
     down = TestClient(create_app(Engine(limits=Limits(max_side=150, work_side=64))))
-    answer = down.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png")}).json()
+    answer = down.post("/api/refine", files=_files(photo, truth.astype(np.uint8))).json()
     assert (answer["width"], answer["height"]) == (64, 32)
     assert any("downscaled from 200x100" in note and "150 px limit" in note for note in answer["notes"])
+    expected = np.zeros((32, 64), np.int64)
+    expected[:, 32:] = 1
+    np.testing.assert_array_equal(_labels(_view(answer, "input")), expected)  # the label map is resized with them
     refuse = TestClient(create_app(Engine(limits=Limits(max_side=150, work_side=64, downscale=False))))
-    response = refuse.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png")})
+    response = refuse.post("/api/refine", files=_files(photo))
     assert response.status_code == 413
     assert "200x100" in response.json()["error"] and "150x150" in response.json()["error"]
-    small, _ = two_region_photo(100, 120, split=60)  # within max_side: only brought to work_side, with a note
-    answer = refuse.post("/api/refine", files={"image": ("p.png", png_bytes(small), "image/png")}).json()
-    assert (answer["width"], answer["height"]) == (64, 53) and "processed at most 64 px" in answer["notes"][0]
     # beyond max_pixels an image is refused before its pixels are decoded, even when downscaling is on
     bomb = TestClient(create_app(Engine(limits=Limits(max_side=16, max_pixels=10_000, work_side=16))))
-    response = bomb.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png")})
+    response = bomb.post("/api/refine", files=_files(photo))
     assert response.status_code == 413 and "200x100" in response.json()["error"]
 
 
-def test_image_modes_are_converted(client):
+def test_decode_image_sizes_and_notes():
+    photo, _ = two_region_photo(100, 120, split=60)  # within max_side: only brought to work_side, with a note
+    decoded, notes = decode_image(png_bytes(photo), Limits(max_side=150, work_side=64))
+    assert decoded.shape == (53, 64, 3) and "processed at most 64 px" in notes[0]
+    decoded, notes = decode_image(png_bytes(photo), Limits(max_side=150, work_side=120))
+    np.testing.assert_array_equal(decoded, photo)
+    assert notes == []
+
+
+def test_image_modes_are_converted():
     photo, _ = two_region_photo(30, 30, split=15)
     grey = np.asarray(Image.fromarray(photo).convert("L"))
     rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
-    sixteen = (grey.astype(np.uint16) * 256)
+    sixteen = grey.astype(np.uint16) * 256
     for data, expected in ((png_bytes(grey), np.repeat(grey[..., None], 3, axis=2)), (png_bytes(rgba), photo),
                            (png_bytes(sixteen), np.repeat(grey[..., None], 3, axis=2))):
-        answer = client.post("/api/refine", data={"num_iterations": "1"},
-                             files={"image": ("p.png", data, "image/png")}).json()
-        np.testing.assert_array_equal(_photo(answer), expected)
+        np.testing.assert_array_equal(decode_image(data, Limits())[0], expected)
 
 
 def test_exif_orientation_is_applied(client):
@@ -335,9 +374,11 @@ def test_exif_orientation_is_applied(client):
     exif[0x0112] = 6  # rotate 90° clockwise to display
     buffer = io.BytesIO()
     im.save(buffer, format="JPEG", exif=exif, quality=95)
-    answer = client.post("/api/refine", data={"num_iterations": "1"},
-                         files={"image": ("p.jpg", buffer.getvalue(), "image/jpeg")}).json()
-    assert (answer["width"], answer["height"]) == (20, 40)
+    decoded, _ = decode_image(buffer.getvalue(), Limits())
+    assert decoded.shape == (40, 20, 3)
+    rotated = np.rot90(photo, -1).astype(float)  # what a viewer shows: the two regions one above the other
+    assert np.abs(decoded.astype(float) - rotated).mean() < 6  # JPEG noise only
+    assert np.abs(decoded.astype(float) - np.rot90(photo, 1).astype(float)).mean() > 40
 
 
 def test_a_server_fault_is_500_and_the_next_request_works(refine_engine, monkeypatch):
@@ -423,4 +464,4 @@ def test_segment_upload_and_refine_in_segment_mode(segment_client):
                                                                     "image/png")})
     assert response.status_code == 200 and (_labels(_view(response.json(), "refined")) == truth).mean() > 0.98
     bad = segment_client.post("/api/segment", files={"image": ("p.png", b"GIF89a broken", "image/gif")})
-    assert bad.status_code == 400 and "corrupt" in bad.json()["error"] or "not an image" in bad.json()["error"]
+    assert bad.status_code == 400 and ("corrupt" in bad.json()["error"] or "not an image" in bad.json()["error"])

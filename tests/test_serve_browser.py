@@ -19,10 +19,11 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 
 from PIL import Image  # noqa: E402
-from serve_helpers import LiveServer, refine_engine, segment_engine  # noqa: E402,F401
+from serve_helpers import LiveServer, segment_engine  # noqa: E402,F401
 
-from crfasrnn.image import bundled_photo_path  # noqa: E402
-from crfasrnn.serve import create_app  # noqa: E402
+from crfasrnn.demo import DEMO_CLASSES  # noqa: E402
+from crfasrnn.image import bundled_annotation_path, bundled_photo_path  # noqa: E402
+from crfasrnn.serve import Engine, Limits, create_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 APT_PACKAGES = ["chromium", "fonts-dejavu-core"]
@@ -102,17 +103,21 @@ def _wait_for_result(page, view: str) -> dict:
     )
 
 
-def test_browser_refine_mode_upload(browser, refine_engine, artifacts):
+def test_browser_refine_mode_upload(browser, artifacts):
+    refine_engine = Engine(limits=Limits(work_side=256))
     with LiveServer(create_app(refine_engine)) as server:
         page, errors = _open(browser, server.url)
         assert "refine" in page.inner_text("#server-info")
         assert page.locator("#sliders input[type=range]").count() == 7  # the CRF parameters
-        page.set_input_files("#photo-input", str(bundled_photo_path()))  # upload the sample photo
+        page.set_input_files("#photo-input", str(bundled_photo_path()))  # upload the sample photo ...
+        page.wait_for_function("() => document.getElementById('status').innerText.includes('label map')")
+        page.set_input_files("#labels-input", str(bundled_annotation_path()))  # ... and its coarse annotation
         result = _wait_for_result(page, "refined")
         side = refine_engine.limits.work_side
         assert result["overlay"] == result["photo"] == result["labels"] == [side, side]  # the 500×500 photo, scaled
         assert len(result["legend"]) >= 2 and all("%" in row for row in result["legend"])
-        assert "label" in result["legend"][0]
+        names = {row.split("\t")[1] for row in result["legend"]}
+        assert len(names) >= 3 and {"label 0", "label 1"} <= names and names <= {f"label {k}" for k in range(5)}
         assert " s (server " in result["status"] and result["error"] == ""
         assert result["toggles"] == ["refined", "input"]
         shot = artifacts / "serve-refine.png"
@@ -134,10 +139,17 @@ def test_browser_refine_mode_upload(browser, refine_engine, artifacts):
         bad = artifacts / "not-an-image.png"
         bad.write_bytes(b"certainly not a PNG")
         page.set_input_files("#photo-input", str(bad))
+        page.set_input_files("#labels-input", str(bundled_annotation_path()))
         page.wait_for_selector("#error:not([hidden])", timeout=60_000)
         assert "not an image file" in page.inner_text("#error")
-        page.click("#sample-button")
+        page.click("#sample-button")  # the bundled photo with its annotation, whose classes have names
         page.wait_for_selector("#error", state="hidden", timeout=120_000)
+        page.wait_for_function(
+            "() => document.querySelector('#legend tbody').innerText.includes('person')", timeout=60_000
+        )
+        page.click("#view-toggle button[data-view=refined]")  # the page kept the coarse-input view chosen above
+        names = {row.split("\t")[1] for row in _wait_for_result(page, "refined")["legend"]}
+        assert {"background", "person"} <= names <= set(DEMO_CLASSES)
         assert not errors or all("400" in e for e in errors), errors  # only the refused upload's HTTP 400
         page.close()
 

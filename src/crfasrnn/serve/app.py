@@ -216,21 +216,24 @@ def create_app(engine: Engine):
     async def refine(request: Request) -> JSONResponse:
         """Refine a label map (form field ``labels``, a palette or grayscale PNG, 255 = unknown) of a photo.
 
-        Without ``labels``, the bundled photo's coarse annotation (``sample=true``) or a blocky colour clustering of
-        the photo is refined. Parameters (form fields): num_iterations, theta_alpha, theta_beta, theta_gamma,
+        With ``sample=true`` and no ``labels``, the bundled photo's coarse annotation is refined (as ``crfasrnn demo``
+        does). Parameters (form fields): num_iterations, theta_alpha, theta_beta, theta_gamma,
         spatial_weight, bilateral_weight, gt_prob. Returns views ``refined`` and ``input``.
         """
         start = time.perf_counter()
         fields, photo, notes, labels_data, source = await _inputs(request, engine)
         params = RefineParams.parse(fields, engine.limits)
-        labels = None
-        labels_source = "auto"
         if labels_data is not None:
             labels = await run_in_threadpool(decode_labels, labels_data, photo.shape[:2], engine.limits)
             labels_source = "upload"
         elif source == "sample":
-            labels = engine.sample_labels()
-            labels_source = "sample" if labels is not None else "auto"
+            labels = await run_in_threadpool(engine.sample_labels)
+            labels_source = "sample"
+        else:
+            raise ClientError(
+                400, "refinement needs a label map of the photo (form field 'labels': a palette, grey or colour PNG), "
+                "or use the bundled sample (sample=true) with its coarse annotation",
+            )
         result = await run_in_threadpool(engine.refine, photo, labels, params, notes, source=labels_source)
         return _answer(result, source, start)
 

@@ -12,19 +12,24 @@ import base64
 import inspect
 import io
 import logging
+import tempfile
 import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..image import bundled_photo_path, colorize, read_image, voc_palette
+from ..image import bundled_photo_path, overlay, read_image, voc_palette
 
-__all__ = ["ClientError", "Limits", "Engine", "RefineParams", "REFINE_PARAMETERS", "decode_image", "class_table"]
+__all__ = [
+    "ClientError", "Limits", "Engine", "LabelMap", "RefineParams", "REFINE_PARAMETERS", "decode_image", "decode_labels",
+    "class_table", "label_png",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -249,35 +254,76 @@ def decode_image(data: bytes, limits: Limits, *, what: str = "image") -> tuple[n
     return np.asarray(im).copy(), notes
 
 
-def decode_labels(data: bytes, size: tuple[int, int], limits: Limits) -> np.ndarray:
-    """Decode an uploaded label map to (H, W) int64 labels, resized (nearest) to ``size`` = (height, width).
+@dataclass(frozen=True)
+class LabelMap:
+    """A label map to refine, as the engine uses it.
 
-    Palette and grayscale PNGs are read as their integer values (255 = unknown).
+    Attributes:
+        labels: (H, W) int64 labels in 0..C-1, with ``UNKNOWN_LABEL`` (255) where a pixel has no label.
+        num_classes: C.
+        palette: (256, 3) uint8 display colours (the file's own colours where it has them; entry 255 for unknown).
+        names: class names, index = label.
+    """
+
+    labels: np.ndarray
+    num_classes: int
+    palette: np.ndarray
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_annotation(cls, annotation, size: tuple[int, int], *, names=None) -> "LabelMap":
+        """From a :class:`crfasrnn.image.Annotation`, resized (nearest) to ``size`` = (height, width)."""
+        labels = np.asarray(annotation.labels, dtype=np.int64)
+        unknown = np.zeros(labels.shape, bool) if annotation.unknown_label is None else labels == annotation.unknown_label
+        known = labels[~unknown]
+        if known.size == 0:
+            raise ClientError(400, "the label map has no labelled pixel (all unknown)")
+        if int(known.min()) < 0 or int(known.max()) >= UNKNOWN_LABEL:
+            raise ClientError(
+                400, f"label values must lie in 0..{UNKNOWN_LABEL - 1} ({UNKNOWN_LABEL} = unknown), "
+                f"got {int(known.min())}..{int(known.max())}"
+            )
+        num_classes = annotation.num_classes or max(int(known.max()) + 1, 2)
+        display = np.where(unknown, UNKNOWN_LABEL, labels)
+        height, width = size
+        if display.shape != (height, width):
+            display = np.asarray(
+                Image.fromarray(display.astype(np.uint8)).resize((width, height), Image.NEAREST)
+            ).astype(np.int64)
+        palette = voc_palette()
+        colors = np.asarray(annotation.colors(), dtype=np.uint8)
+        count = min(len(colors), UNKNOWN_LABEL if annotation.kind == "color" else 256)
+        palette[:count] = colors[:count]
+        if names is None:
+            names = [f"label {k}" if annotation.kind == "index" else f"colour {k}" for k in range(num_classes)]
+        return cls(display, num_classes, palette, tuple(names))
+
+
+def decode_labels(data: bytes, size: tuple[int, int], limits: Limits) -> LabelMap:
+    """Decode an uploaded label map with :func:`crfasrnn.image.read_annotation`, sized (nearest) to ``size``.
+
+    Accepted as ``crfasrnn refine --labels`` accepts them: a VOC-palette or grey PNG of integer labels (255 =
+    unknown), or an RGB annotation in which each colour is a class and black is unknown.
 
     Raises:
-        ClientError: not an image, not a single-channel label map, or not the photo's aspect ratio.
+        ClientError: not an image, not a label map, no labelled pixel, or not the photo's aspect ratio.
     """
     im, _ = _open(data, "label map", limits)
-    im = _load(im, "label map")
-    if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise ClientError(
-            400, f"the label map must be a palette or grayscale PNG of integer labels, got an image of mode {im.mode}"
-        )
-    labels = np.asarray(im).astype(np.int64)
-    if labels.ndim != 2:
-        raise ClientError(400, f"the label map must be single-channel, got shape {labels.shape}")
+    im.close()
+    from ..image import read_annotation
+
+    with tempfile.TemporaryDirectory(prefix="crfasrnn-serve-") as folder:
+        path = Path(folder) / "labels"  # a name the server chooses; the client's file name is never used
+        path.write_bytes(data)
+        try:
+            annotation = read_annotation(path)
+        except ValueError as exc:
+            raise ClientError(400, f"the uploaded label map cannot be used: {str(exc).replace(str(path), 'upload')}") from None
     height, width = size
-    lh, lw = labels.shape
+    lh, lw = annotation.labels.shape
     if abs(lh * width - lw * height) > max(lh, lw, height, width):
         raise ClientError(400, f"the label map is {lw}x{lh} but the photo is {width}x{height}: the sizes must agree")
-    if (lh, lw) != (height, width):
-        labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((width, height), Image.NEAREST)).astype(
-            np.int64
-        )
-    known = labels[labels != UNKNOWN_LABEL]
-    if known.size and (known.min() < 0 or known.max() >= UNKNOWN_LABEL):
-        raise ClientError(400, f"label values must lie in 0..254 (255 = unknown), got {known.min()}..{known.max()}")
-    return labels
+    return LabelMap.from_annotation(annotation, size)
 
 
 def _png_base64(image: Image.Image) -> str:
@@ -286,23 +332,14 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def label_png(labels: np.ndarray) -> str:
-    """(H, W) labels in 0..255 as a base64 palette PNG with the VOC colours."""
+def label_png(labels: np.ndarray, palette: np.ndarray | None = None) -> str:
+    """(H, W) labels in 0..255 as a base64 palette PNG (VOC colours unless ``palette`` (256, 3) is given)."""
     im = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
-    im.putpalette(voc_palette().reshape(-1).tolist())
+    im.putpalette((voc_palette() if palette is None else palette).reshape(-1).tolist())
     return _png_base64(im)
 
 
-def overlay(photo: np.ndarray, labels: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
-    """Blend the VOC colours of ``labels`` over ``photo``; background (0) and unknown (255) pixels keep the photo."""
-    colours = colorize(labels).astype(np.float32)
-    blended = photo.astype(np.float32) * (1 - alpha) + colours * alpha
-    keep = (labels == 0) | (labels == UNKNOWN_LABEL)
-    blended[keep] = photo[keep]
-    return blended.round().clip(0, 255).astype(np.uint8)
-
-
-def class_table(labels: np.ndarray, names: dict[int, str] | list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
+def class_table(labels: np.ndarray, names, palette: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The classes present in ``labels``: label, name, colour (#rrggbb), pixel count and share, largest first.
 
     Example:
@@ -311,7 +348,7 @@ def class_table(labels: np.ndarray, names: dict[int, str] | list[str] | tuple[st
     """
     labels = np.asarray(labels)
     counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=256)
-    palette = voc_palette()
+    palette = voc_palette() if palette is None else palette
     lookup = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
     rows = []
     for label in np.flatnonzero(counts):
@@ -326,13 +363,14 @@ def class_table(labels: np.ndarray, names: dict[int, str] | list[str] | tuple[st
     return rows
 
 
-def _view(key: str, title: str, photo: np.ndarray, labels: np.ndarray, names) -> dict[str, Any]:
+def _view(key: str, title: str, photo: np.ndarray, labels: np.ndarray, names, palette=None) -> dict[str, Any]:
+    palette = voc_palette() if palette is None else palette
     return {
         "key": key,
         "title": title,
-        "overlay_png": _png_base64(Image.fromarray(overlay(photo, labels))),
-        "labels_png": label_png(labels),
-        "classes": class_table(labels, names),
+        "overlay_png": _png_base64(Image.fromarray(overlay(photo, labels, palette))),
+        "labels_png": label_png(labels, palette),
+        "classes": class_table(labels, names, palette),
     }
 
 
@@ -376,6 +414,7 @@ class Engine:
         self.network_size = int(network_size)
         self._lock = threading.Lock()
         self._sample: np.ndarray | None = None
+        self._sample_labels: LabelMap | None = None
 
     @property
     def mode(self) -> str:
@@ -408,19 +447,17 @@ class Engine:
             self._sample = photo
         return self._sample
 
-    def sample_labels(self) -> np.ndarray | None:
-        """The bundled coarse annotation of the sample photo at the sample's size, or ``None`` where none ships."""
-        from .. import image as image_module
+    def sample_labels(self) -> LabelMap:
+        """The bundled coarse annotation of the sample photo (``crfasrnn demo``'s), at the sample's size."""
+        if self._sample_labels is None:
+            from ..demo import DEMO_CLASSES
+            from ..image import bundled_annotation_path, read_annotation
 
-        path_function = getattr(image_module, "bundled_annotation_path", None)
-        if path_function is None:
-            return None
-        with Image.open(path_function()) as im:
-            labels = np.asarray(im).astype(np.int64)
-        height, width = self.sample_photo().shape[:2]
-        if labels.shape != (height, width):
-            labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((width, height), Image.NEAREST))
-        return labels.astype(np.int64)
+            annotation = read_annotation(bundled_annotation_path())
+            self._sample_labels = LabelMap.from_annotation(
+                annotation, self.sample_photo().shape[:2], names=DEMO_CLASSES
+            )
+        return self._sample_labels
 
     def segment(self, photo: np.ndarray, notes: list[str] | None = None) -> dict[str, Any]:
         """Segment a photo with the FCN and the full CRF-RNN; both results come back (views ``crf`` and ``fcn``)."""
@@ -445,44 +482,32 @@ class Engine:
         return self._response("segment", photo, views, notes, start, compute)
 
     def refine(
-        self, photo: np.ndarray, labels: np.ndarray | None, params: RefineParams, notes: list[str] | None = None,
+        self, photo: np.ndarray, labels: LabelMap, params: RefineParams, notes: list[str] | None = None,
         *, source: str = "upload",
     ) -> dict[str, Any]:
-        """Refine a label map of ``photo`` with :func:`crfasrnn.refine` (views ``refined`` and ``input``).
-
-        Without ``labels``, a blocky coarse segmentation is made from the photo's colours
-        (:func:`crfasrnn.demo.coarse_block_labels`), as in ``crfasrnn demo``.
-        """
+        """Refine a label map of ``photo`` with :func:`crfasrnn.refine` (views ``refined`` and ``input``)."""
         start = time.perf_counter()
-        notes = list(notes or [])
-        if labels is None:
-            from ..demo import coarse_block_labels
-
-            labels = coarse_block_labels(photo)
-            notes.append("no label map given: refined a blocky colour clustering of the photo (as crfasrnn demo does)")
-        known = labels[labels != UNKNOWN_LABEL]
-        if known.size == 0:
-            raise ClientError(400, "the label map has no labelled pixel (all 255 = unknown)")
-        num_classes = max(int(known.max()) + 1, 2)
+        if labels.labels.shape != photo.shape[:2]:
+            raise ClientError(400, f"labels {labels.labels.shape} and photo {photo.shape[:2]} differ in size")
         refine = _refine_function()
         with self._lock:
             compute_start = time.perf_counter()
             try:
                 refined = refine(
-                    photo, labels=labels, num_classes=num_classes, unknown_label=UNKNOWN_LABEL, device=self.device,
-                    **params.values,
+                    photo, labels=labels.labels, num_classes=labels.num_classes, unknown_label=UNKNOWN_LABEL,
+                    device=self.device, **params.values,
                 )
             except (ValueError, TypeError) as exc:
                 raise ClientError(400, f"refinement failed: {exc}") from None
             compute = time.perf_counter() - compute_start
-        names = {k: f"label {k}" for k in range(num_classes)}
         views = [
-            _view("refined", "refined by the CRF", photo, np.asarray(refined), names),
-            _view("input", "coarse input", photo, labels, names),
+            _view("refined", "refined by the CRF", photo, np.asarray(refined), labels.names, labels.palette),
+            _view("input", "coarse input", photo, labels.labels, labels.names, labels.palette),
         ]
         result = self._response("refine", photo, views, notes, start, compute)
         result["parameters"] = dict(params.values)
         result["labels_source"] = source
+        result["classes"] = list(labels.names)
         return result
 
     def _response(self, mode, photo, views, notes, start, compute) -> dict[str, Any]:

@@ -52,8 +52,8 @@ function setMode(mode) {
   $("params").hidden = !refine;
   $("labels-row").hidden = !refine;
   $("mode-help").textContent = refine
-    ? "Refines a coarse label map with the dense CRF (no trained weights needed). Without a label map, the bundled " +
-      "photo's coarse annotation (or a blocky colour clustering of your photo) is refined."
+    ? "Refines a coarse label map of a photo with the dense CRF (no trained weights needed): upload a photo and its " +
+      "label map, or use the bundled photo with its coarse annotation."
     : "Segments the photo into the 21 PASCAL VOC classes with the trained FCN-8s + CRF-RNN network.";
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.checked = radio.value === mode;
   if (state.photo || state.useSample) run();
@@ -90,6 +90,11 @@ async function run() {
   if (state.photo) { form.append("image", state.photo); bytes += state.photo.size; }
   else form.append("sample", "true");
   if (state.mode === "refine") {
+    if (state.photo && !state.labels) {
+      showError("");
+      setStatus("Now choose a label map of this photo (palette, grey or colour PNG), or use the bundled photo.");
+      return;
+    }
     if (state.labels) { form.append("labels", state.labels); bytes += state.labels.size; }
     for (const input of $("sliders").querySelectorAll("input")) form.append(input.name, input.value);
   }
@@ -190,12 +195,16 @@ function init() {
     if (!file) return;
     state.photo = file;
     state.useSample = false;
+    state.labels = null;  // a label map belongs to one photo
+    $("labels-input").value = "";
     run();
   });
   $("sample-button").addEventListener("click", () => {
     state.photo = null;
     state.useSample = true;
+    state.labels = null;  // the bundled photo comes with its own coarse annotation
     $("photo-input").value = "";
+    $("labels-input").value = "";
     run();
   });
   $("labels-input").addEventListener("change", (e) => {

@@ -465,3 +465,127 @@ def test_segment_upload_and_refine_in_segment_mode(segment_client):
     assert response.status_code == 200 and (_labels(_view(response.json(), "refined")) == truth).mean() > 0.98
     bad = segment_client.post("/api/segment", files={"image": ("p.png", b"GIF89a broken", "image/gif")})
     assert bad.status_code == 400 and ("corrupt" in bad.json()["error"] or "not an image" in bad.json()["error"])
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captured_server(monkeypatch):
+    """Replace run_server with a recorder: the CLI builds the engine as usual but does not block."""
+    import crfasrnn.serve
+
+    calls = []
+    monkeypatch.setattr(crfasrnn.serve, "run_server", lambda engine, **kw: calls.append((engine, kw)))
+    return calls
+
+
+def test_cli_serve_options(captured_server, monkeypatch, capsys):
+    from crfasrnn.cli import main
+
+    monkeypatch.delenv("CRFASRNN_WEIGHTS", raising=False)
+    assert main(["serve", "--max-upload-mb", "2", "--max-side", "1000", "--refuse-oversize", "--work-side", "300"]) == 0
+    engine, kwargs = captured_server[0]
+    assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8000  # this machine only, unless told otherwise
+    assert engine.mode == "refine"
+    assert engine.limits == Limits(max_upload_bytes=2 * 1024 * 1024, max_side=1000, downscale=False, work_side=300)
+    assert "http://127.0.0.1:8000/" in capsys.readouterr().out
+
+
+def test_cli_serve_with_synthetic_weights(captured_server, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+    from serve_helpers import tiny_network
+
+    from crfasrnn.cli import main
+    from crfasrnn.weights import file_sha256, save_weights
+
+    net = tiny_network(seed=1)
+    path = tmp_path / "tiny.pt"
+    save_weights(net, path)
+    monkeypatch.setenv("CRFASRNN_WEIGHTS", str(path))  # the environment variable stands in for --weights
+    assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--iterations", "2", "--work-side", "64"]) == 0
+    engine, kwargs = captured_server[0]
+    assert (kwargs["host"], kwargs["port"]) == ("0.0.0.0", 8123)
+    client = TestClient(create_app(engine))
+    info = client.get("/api/info").json()
+    assert info["mode"] == "segment" and info["classes"] == list(VOC_CLASSES)
+    assert info["weights"]["sha256"] == file_sha256(path) and info["weights"]["file"] == "tiny.pt"
+    assert engine.model.crf.num_iterations == 2
+    answer = client.post("/api/segment", data={"sample": "true"}).json()
+    photo = _photo(answer)
+    net.crf.num_iterations = 2
+    prepared = prepare(photo)  # the published network size (500)
+    with torch.no_grad():
+        expected = postprocess(net(prepared.tensor[None])[0], prepared.resized_size, prepared.original_size)
+    np.testing.assert_array_equal(_labels(_view(answer, "crf")), expected)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["serve", "--weights", "/nonexistent/w.pt"], "not found"),
+     (["serve", "--device", "cuda:99"], "cuda"),
+     (["serve", "--max-upload-mb", "0"], "--max-upload-mb"),
+     (["serve", "--max-side", "0"], "max_side")],
+)
+def test_cli_serve_errors_are_one_line(argv, message, captured_server, capsys, monkeypatch):
+    from crfasrnn.cli import main
+
+    monkeypatch.delenv("CRFASRNN_WEIGHTS", raising=False)
+    if message == "cuda" and torch.cuda.device_count() > 99:  # pragma: no cover
+        pytest.skip("this machine has a cuda:99")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("crfasrnn serve: error:") and "\n" not in err and message in err
+    assert not captured_server
+
+
+def test_cli_serve_port_in_use(capsys):
+    import socket
+
+    from crfasrnn.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("crfasrnn serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
+def test_cli_serve_really_serves(tmp_path):
+    """`crfasrnn serve` in its own process answers on the port it was given, until it is stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from serve_helpers import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "CRFASRNN_WEIGHTS"}
+    process = subprocess.Popen([sys.executable, "-m", "crfasrnn", "serve", "--port", str(port), "--work-side", "64"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the server did not answer within 60 s"
+                time.sleep(0.2)
+        assert info["mode"] == "refine" and info["limits"]["work_side"] == 64
+        answer = httpx.post(f"http://127.0.0.1:{port}/api/refine", data={"sample": "true", "num_iterations": "1"},
+                            timeout=60)
+        assert answer.status_code == 200 and answer.json()["width"] == 64
+        bad = httpx.post(f"http://127.0.0.1:{port}/api/refine", files={"image": ("x.png", b"junk", "image/png")})
+        assert bad.status_code == 400
+        assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=5).status_code == 200  # still serving
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out

@@ -397,6 +397,8 @@ class Engine:
         network_size: int | None = None,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
         self.limits = limits or Limits()
         self.model = None if model is None else model.to(self.device).eval()
         if class_names is None:
@@ -415,6 +417,23 @@ class Engine:
         self._lock = threading.Lock()
         self._sample: np.ndarray | None = None
         self._sample_labels: LabelMap | None = None
+
+    @classmethod
+    def from_weights(
+        cls, path, *, device: str | torch.device = "cpu", limits: Limits | None = None, num_iterations: int = 10
+    ) -> "Engine":
+        """Load a weights file once (any format :func:`crfasrnn.weights.load_model` reads) and serve its model."""
+        from ..weights import load_model
+
+        model, info = load_model(path, num_iterations=num_iterations, device=device)
+        weights = {
+            "file": Path(path).name, "format": info.format, "sha256": info.sha256, "num_classes": info.num_classes,
+            "source": info.metadata.get("source_file") or Path(path).name,
+        }
+        if "paper" in info.metadata:
+            weights["paper"] = info.metadata["paper"]
+        logger.info("serving %s (%s, sha256 %s) on %s", path, info.format, info.sha256, device)
+        return cls(model, class_names=info.classes, device=device, limits=limits, weights=weights)
 
     @property
     def mode(self) -> str:

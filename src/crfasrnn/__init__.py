@@ -3,6 +3,7 @@
 from .crf import CrfRnn, crf_rnn
 from .lattice import PermutohedralLattice, permutohedral_filter
 from .models import FCN8s, CrfRnnNet
+from .refine import refine
 from .transforms import VOC_CLASSES, VOC_MEAN_RGB, postprocess, prepare, preprocess
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "permutohedral_filter",
     "FCN8s",
     "CrfRnnNet",
+    "refine",
     "VOC_CLASSES",
     "VOC_MEAN_RGB",
     "preprocess",

@@ -83,7 +83,7 @@ def _refine_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
     return jobs
 
 
-def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num_iterations: int):
+def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num_iterations: int, several: bool):
     """Read one job's inputs and refine them; returns (photo, annotation or None, coarse labels or None, refined)."""
     from .image import read_annotation, read_image, read_probabilities
     from .refine import refine
@@ -105,9 +105,9 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
         refined = refine(photo, probs=probs, num_classes=args.num_classes, normalize=args.normalize, **params)
         return photo, None, None, refined
     except ValueError as exc:
-        if str(source) in str(exc):
+        if not several or str(image_path) in str(exc):
             raise
-        raise ValueError(f"{source}: {exc}") from None
+        raise ValueError(f"{image_path}: {exc}") from None
 
 
 def _refine(args: argparse.Namespace) -> int:
@@ -115,13 +115,22 @@ def _refine(args: argparse.Namespace) -> int:
 
     from .image import overlay, save_annotation, save_image, save_label_map, voc_palette
 
+    from .refine import check_parameters
+
+    check_parameters(
+        num_iterations=args.iterations, theta_alpha=args.theta_alpha, theta_beta=args.theta_beta,
+        theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight, bilateral_weight=args.bilateral_weight,
+        gt_prob=args.gt_prob, num_classes=args.num_classes,
+    )
     jobs = _refine_jobs(args)
     # First pass: read and check every input (the unary is built, no iteration run) before anything is written.
     for image_path, source, _ in tqdm(jobs, desc="checking", unit="image", disable=len(jobs) < 2):
-        _refine_one(args, image_path, source, num_iterations=0)
+        _refine_one(args, image_path, source, num_iterations=0, several=len(jobs) > 1)
     changed = labelled = unknown = total = 0
     for image_path, source, output in tqdm(jobs, desc="refining", unit="image", disable=len(jobs) < 2):
-        photo, annotation, coarse, refined = _refine_one(args, image_path, source, num_iterations=args.iterations)
+        photo, annotation, coarse, refined = _refine_one(
+            args, image_path, source, num_iterations=args.iterations, several=len(jobs) > 1
+        )
         colors = voc_palette() if annotation is None else annotation.colors()
         blend = overlay(photo, refined, colors) if args.overlay else None
         if annotation is None:
@@ -136,7 +145,8 @@ def _refine(args: argparse.Namespace) -> int:
         if blend is not None:
             save_image(blend, output.with_name(f"{output.stem}_overlay.png"))
         if len(jobs) == 1:
-            print(f"wrote {output}" + (f" and {output.with_name(output.stem + '_overlay.png')}" if args.overlay else ""))
+            overlay_note = f" and {output.with_name(output.stem + '_overlay.png')}" if args.overlay else ""
+            print(f"wrote {output}{overlay_note}")
     if len(jobs) > 1:
         print(f"wrote {len(jobs)} refined label maps to {jobs[0][2].parent}")
     if args.labels is not None:

@@ -131,7 +131,7 @@ def bundled_photo_path() -> Path:
 
 
 def bundled_annotation_path() -> Path:
-    """A coarse annotation of the bundled photo (palette PNG, VOC colours, 255 = unknown; see data/LICENSE-images.txt)."""
+    """The bundled photo's coarse annotation (palette PNG, VOC colours, 255 = unknown; see data/LICENSE-images.txt)."""
     return Path(__file__).with_name("data") / "astronaut_coarse.png"
 
 
@@ -167,7 +167,7 @@ class Annotation:
         if self.class_colors is not None:
             return self.class_colors
         if self.palette is not None:
-            return np.concatenate([self.palette, voc_palette()[len(self.palette):]]) if len(self.palette) < 256 else self.palette
+            return self.palette
         return voc_palette()
 
     def encode(self, labels: np.ndarray) -> Image.Image:
@@ -342,7 +342,9 @@ def read_probabilities(path: str | os.PathLike, image_size: tuple[int, int] | No
     )
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, colors: np.ndarray | None = None, *, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray, labels: np.ndarray, colors: np.ndarray | None = None, *, alpha: float = 0.5
+) -> np.ndarray:
     """Blend an (H, W, 3) uint8 photo with the colours of (H, W) labels: ``(1 − alpha)·photo + alpha·colour``."""
     image = np.asarray(image)
     labels = np.asarray(labels)

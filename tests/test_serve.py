@@ -27,7 +27,7 @@ from serve_helpers import (  # noqa: E402,F401  (fixtures are used by name)
 )
 
 from crfasrnn.demo import DEMO_CLASSES  # noqa: E402
-from crfasrnn.image import bundled_annotation_path, overlay, read_annotation, voc_palette  # noqa: E402
+from crfasrnn.image import bundled_annotation_path, overlay, read_annotation  # noqa: E402
 from crfasrnn.refine import refine  # noqa: E402
 from crfasrnn.serve import Engine, Limits, create_app  # noqa: E402
 from crfasrnn.serve.app import BodyLimitMiddleware  # noqa: E402
@@ -367,7 +367,7 @@ def test_image_modes_are_converted():
         np.testing.assert_array_equal(decode_image(data, Limits())[0], expected)
 
 
-def test_exif_orientation_is_applied(client):
+def test_exif_orientation_is_applied():
     photo, _ = two_region_photo(20, 40, split=20)
     im = Image.fromarray(photo)
     exif = im.getexif()

@@ -503,6 +503,11 @@ def test_cli_serve_with_synthetic_weights(captured_server, tmp_path, monkeypatch
     path = tmp_path / "tiny.pt"
     save_weights(net, path)
     monkeypatch.setenv("CRFASRNN_WEIGHTS", str(path))  # the environment variable stands in for --weights
+    import crfasrnn.weights
+
+    loads = []
+    real_load_model = crfasrnn.weights.load_model
+    monkeypatch.setattr(crfasrnn.weights, "load_model", lambda *a, **k: loads.append(a) or real_load_model(*a, **k))
     assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--iterations", "2", "--work-side", "64"]) == 0
     engine, kwargs = captured_server[0]
     assert (kwargs["host"], kwargs["port"]) == ("0.0.0.0", 8123)
@@ -518,6 +523,8 @@ def test_cli_serve_with_synthetic_weights(captured_server, tmp_path, monkeypatch
     with torch.no_grad():
         expected = postprocess(net(prepared.tensor[None])[0], prepared.resized_size, prepared.original_size)
     np.testing.assert_array_equal(_labels(_view(answer, "crf")), expected)
+    assert client.post("/api/segment", data={"sample": "true"}).status_code == 200
+    assert len(loads) == 1  # the model was loaded once, at start-up, not per request
 
 
 @pytest.mark.parametrize(

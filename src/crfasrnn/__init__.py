@@ -13,6 +13,7 @@ __all__ = [
     "permutohedral_filter",
     "FCN8s",
     "CrfRnnNet",
+    "refine",
     "VOC_CLASSES",
     "VOC_MEAN_RGB",
     "preprocess",

@@ -247,6 +247,52 @@ def _add_refine_parser(sub) -> None:
     p.set_defaults(func=_refine)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ImportError as exc:
+        raise RuntimeError(f"the web app needs the serve extra: pip install 'crfasrnn[serve]' ({exc})") from None
+
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    limits = serve.Limits(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_side=args.max_side,
+        downscale=not args.refuse_oversize, work_side=args.work_side,
+    )
+    weights = args.weights or os.environ.get("CRFASRNN_WEIGHTS") or None
+    if weights:
+        engine = serve.Engine.from_weights(weights, device=args.device, limits=limits, num_iterations=args.iterations)
+    else:
+        engine = serve.Engine(device=args.device, limits=limits)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    what = f"segmentation with {Path(weights).name}" if weights else "refinement (no --weights given)"
+    print(f"crfasrnn serve: {what} on http://{host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    serve.run_server(engine, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="the live demo: a web page and JSON API that segment or refine uploaded photos",
+        description="Serve the demo page and its JSON API (POST /api/segment, POST /api/refine, GET /api/info). "
+        "With --weights (or CRFASRNN_WEIGHTS): CRF-RNN segmentation; without: dense-CRF refinement of label maps.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--weights", help="weights file (.caffemodel, the port's .pth, or ours); default: $CRFASRNN_WEIGHTS")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--iterations", type=int, default=10, help="CRF iterations of the network (default: 10)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0,
+                   help="largest upload per request in MiB (default: 10)")
+    p.add_argument("--max-side", type=int, default=4096,
+                   help="largest accepted image side in pixels; larger images are downscaled (default: 4096)")
+    p.add_argument("--refuse-oversize", action="store_true",
+                   help="refuse images larger than --max-side instead of downscaling them")
+    p.add_argument("--work-side", type=int, default=1024,
+                   help="longest side at which photos are processed and results returned (default: 1024)")
+    p.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crfasrnn", description="CRF-RNN semantic segmentation for PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -284,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(func=_segment)
     _add_refine_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

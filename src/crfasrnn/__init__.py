@@ -2,6 +2,20 @@
 
 from .crf import CrfRnn, crf_rnn
 from .lattice import PermutohedralLattice, permutohedral_filter
+from .models import FCN8s, CrfRnnNet
+from .transforms import VOC_CLASSES, VOC_MEAN_RGB, postprocess, prepare, preprocess
 
-__all__ = ["CrfRnn", "crf_rnn", "PermutohedralLattice", "permutohedral_filter"]
+__all__ = [
+    "CrfRnn",
+    "crf_rnn",
+    "PermutohedralLattice",
+    "permutohedral_filter",
+    "FCN8s",
+    "CrfRnnNet",
+    "VOC_CLASSES",
+    "VOC_MEAN_RGB",
+    "preprocess",
+    "prepare",
+    "postprocess",
+]
 __version__ = "0.1.0"

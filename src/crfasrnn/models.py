@@ -1,0 +1,229 @@
+"""The CRF-RNN network: FCN-8s (Long, Shelhamer and Darrell, CVPR 2015) with a :class:`~crfasrnn.crf.CrfRnn` on top.
+
+The layer names and shapes are those of the PyTorch port (``sadeepj/crfasrnn_pytorch``, SPEC §6.1-6.2), so that its
+backbone's state_dict keys equal ours; the CRF's parameters are ours (``crf.spatial_weights``,
+``crf.bilateral_weights``, ``crf.compatibility``, Caffe/paper sign). :mod:`crfasrnn.weights` reads the published files.
+
+This module knows nothing about files: it only builds the networks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .crf import CrfRnn
+
+__all__ = ["FCN8s", "CrfRnnNet", "bilinear_kernel", "CROP_OFFSETS"]
+
+#: Crop offsets of FCN-8s (score_pool4, score_pool3, upscore8), as Caffe's Crop layer derives them (SPEC §6.1).
+CROP_OFFSETS = (5, 9, 31)
+
+# (name, output channels at width 1) of the VGG-16 convolutions; a None entry is a 2×2 ceil-mode max-pool.
+_VGG16 = (
+    ("conv1_1", 64), ("conv1_2", 64), None,
+    ("conv2_1", 128), ("conv2_2", 128), None,
+    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256), None,
+    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512), None,
+    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512), None,
+)  # fmt: skip
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def bilinear_kernel(channels: int, kernel_size: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """A (C, C, k, k) transposed-convolution weight that upsamples each channel bilinearly (zero between channels).
+
+    The FCN initialisation of the deconvolutions (SPEC §6.1): ``factor = (k + 1) // 2``, centre ``factor - 0.5`` for
+    even k (``factor - 1`` for odd k), ``filt[i, j] = (1 - |i - c| / factor) (1 - |j - c| / factor)``.
+
+    Example:
+        >>> bilinear_kernel(1, 4)[0, 0, 0]
+        tensor([0.0625, 0.1875, 0.1875, 0.0625])
+    """
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = torch.arange(kernel_size, dtype=dtype, device=device)
+    filt1d = 1 - (og - center).abs() / factor
+    filt = filt1d[:, None] * filt1d[None, :]
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    weight[idx, idx] = filt
+    return weight
+
+
+def _check_input(x: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"x must be a (B, 3, H, W) preprocessed image batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor (preprocessed, mean-subtracted BGR), got dtype {x.dtype}")
+    if min(x.shape) < 1:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {device}")
+
+
+class FCN8s(nn.Module):
+    """FCN-8s over VGG-16, as in the CRF-RNN references (SPEC §6.1).
+
+    ``conv1_1`` pads by 100, the max-pools use ``ceil_mode=True``, ``fc6``/``fc7`` are convolutions (7×7 and 1×1), and
+    the three score maps are fused with the fixed crop offsets 5, 9 and 31 (no score scaling: the original FCN-8s, not
+    the "at-once" variant). Dropout is element-wise with p = 0.5 as in Caffe (identity in eval mode).
+
+    Initialisation (for training; published weights replace it): VGG and fc layers keep PyTorch's default
+    initialisation, the score layers and ``upscore2``'s bias are zero, and the deconvolutions are bilinear upsamplers
+    (:func:`bilinear_kernel`), as in FCN.
+
+    Args:
+        num_classes: number of labels C (21 for PASCAL VOC).
+        width: scales every VGG/fc channel count (64·width … 4096·width, at least 1). 1.0 is the published
+            architecture (134 M parameters); small widths such as 1/16 give fast models for tests and smoke training.
+
+    Shape:
+        - x: (B, 3, H, W) preprocessed image (mean-subtracted BGR, see :func:`crfasrnn.transforms.preprocess`),
+          any H, W >= 1.
+        - output: (B, C, H, W) logits.
+
+    Example:
+        >>> net = FCN8s(num_classes=21, width=1 / 32).eval()
+        >>> net(torch.randn(1, 3, 37, 50)).shape
+        torch.Size([1, 21, 37, 50])
+    """
+
+    def __init__(self, num_classes: int = 21, *, width: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+            raise ValueError(f"width must be a finite number > 0, got {width!r}")
+        self.num_classes = num_classes
+        self.width = float(width)
+
+        in_ch = 3
+        self._stages: list[list[str]] = [[]]
+        for entry in _VGG16:
+            if entry is None:
+                self._stages.append([])
+                continue
+            name, base = entry
+            out_ch = _scaled(base, width)
+            setattr(self, name, nn.Conv2d(in_ch, out_ch, 3, padding=100 if name == "conv1_1" else 1))
+            self._stages[-1].append(name)
+            in_ch = out_ch
+        self._stages.pop()  # the empty list after pool5
+        pool3_ch = _scaled(256, width)
+        pool4_ch = _scaled(512, width)
+        fc_ch = _scaled(4096, width)
+
+        self.fc6 = nn.Conv2d(in_ch, fc_ch, 7)
+        self.drop6 = nn.Dropout(0.5)
+        self.fc7 = nn.Conv2d(fc_ch, fc_ch, 1)
+        self.drop7 = nn.Dropout(0.5)
+
+        self.score_fr = nn.Conv2d(fc_ch, num_classes, 1)
+        self.score_pool3 = nn.Conv2d(pool3_ch, num_classes, 1)
+        self.score_pool4 = nn.Conv2d(pool4_ch, num_classes, 1)
+        self.upscore2 = nn.ConvTranspose2d(num_classes, num_classes, 4, stride=2, bias=True)
+        self.upscore_pool4 = nn.ConvTranspose2d(num_classes, num_classes, 4, stride=2, bias=False)
+        self.upscore8 = nn.ConvTranspose2d(num_classes, num_classes, 16, stride=8, bias=False)
+        self._init_heads()
+
+    @torch.no_grad()
+    def _init_heads(self) -> None:
+        for layer in (self.score_fr, self.score_pool3, self.score_pool4):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        self.upscore2.bias.zero_()
+        for layer in (self.upscore2, self.upscore_pool4, self.upscore8):
+            w = layer.weight
+            w.copy_(bilinear_kernel(self.num_classes, w.shape[-1], dtype=w.dtype, device=w.device))
+
+    def forward_fcn(self, x: torch.Tensor) -> torch.Tensor:
+        """The FCN-8s logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W)."""
+        _check_input(x, self.score_fr.weight.device)
+        height, width = x.shape[2:]
+        h = x
+        pools = []
+        for names in self._stages:
+            for name in names:
+                h = F.relu(getattr(self, name)(h), inplace=True)
+            h = F.max_pool2d(h, 2, stride=2, ceil_mode=True)
+            pools.append(h)
+        pool3, pool4 = pools[2], pools[3]
+
+        h = self.drop6(F.relu(self.fc6(h), inplace=True))
+        h = self.drop7(F.relu(self.fc7(h), inplace=True))
+        h = self.upscore2(self.score_fr(h))  # 1/16
+        h = h + _crop(self.score_pool4(pool4), CROP_OFFSETS[0], h.shape[2:], "score_pool4")
+        h = self.upscore_pool4(h)  # 1/8
+        h = h + _crop(self.score_pool3(pool3), CROP_OFFSETS[1], h.shape[2:], "score_pool3")
+        return _crop(self.upscore8(h), CROP_OFFSETS[2], (height, width), "upscore8")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W)."""
+        return self.forward_fcn(x)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, width={self.width:g}"
+
+
+def _crop(t: torch.Tensor, offset: int, size, name: str) -> torch.Tensor:
+    h, w = int(size[0]), int(size[1])
+    if t.shape[2] < offset + h or t.shape[3] < offset + w:  # pragma: no cover - cannot happen for FCN-8s geometry
+        raise RuntimeError(f"{name} output {tuple(t.shape)} too small to crop {h}×{w} at offset {offset}")
+    return t[:, :, offset : offset + h, offset : offset + w]
+
+
+class CrfRnnNet(FCN8s):
+    """CRF-RNN (Zheng et al., ICCV 2015): FCN-8s logits refined by :class:`~crfasrnn.crf.CrfRnn`.
+
+    The CRF's bilateral colour features are the preprocessed input itself (mean-subtracted BGR), exactly as in the
+    Caffe original and the PyTorch port, so ``theta_beta = 3`` is in those units.
+
+    Args:
+        num_classes: number of labels C (21 for PASCAL VOC).
+        num_iterations: mean-field iterations (5 in training, 10 at test time in the paper; 0 gives the FCN logits).
+            Read from ``self.crf.num_iterations`` at call time, so it may be changed on a built model.
+        width: channel scale of the backbone, see :class:`FCN8s`.
+        **crf_kwargs: keyword options of :class:`~crfasrnn.crf.CrfRnn` (bandwidths, initial kernel weights, backend).
+
+    Shape:
+        - x: (B, 3, H, W) preprocessed image batch, any H, W >= 1.
+        - output: (B, C, H, W) logits (unnormalised).
+
+    Example:
+        >>> net = CrfRnnNet(num_classes=21, num_iterations=2, width=1 / 32).eval()
+        >>> with torch.no_grad():
+        ...     out = net(torch.randn(1, 3, 24, 30) * 50)
+        >>> out.shape
+        torch.Size([1, 21, 24, 30])
+    """
+
+    def __init__(self, num_classes: int = 21, num_iterations: int = 10, *, width: float = 1.0, **crf_kwargs) -> None:
+        super().__init__(num_classes, width=width)
+        self.crf = CrfRnn(num_classes, num_iterations, **crf_kwargs)
+
+    @property
+    def num_iterations(self) -> int:
+        """Mean-field iterations of the CRF (settable)."""
+        return self.crf.num_iterations
+
+    @num_iterations.setter
+    def num_iterations(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"num_iterations must be an integer >= 0, got {value!r}")
+        self.crf.num_iterations = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CRF-RNN logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W)."""
+        unary = self.forward_fcn(x)
+        if self.crf.num_iterations == 0:
+            return unary
+        return self.crf(unary, x.to(unary.dtype))

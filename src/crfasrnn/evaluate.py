@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from .data.datasets import IGNORE_INDEX, SegmentationDataset, read_label_map
+from .data.transforms import preprocess_batch
+from .models import CrfRnnNet, FCN8s
 
 __all__ = [
     "confusion_matrix",
@@ -31,6 +33,7 @@ __all__ = [
     "segmentation_metrics",
     "evaluate_predictions",
     "evaluate_model",
+    "model_confusion",
     "plot_class_iou",
 ]
 
@@ -219,6 +222,63 @@ def evaluate_predictions(
         except ValueError as exc:
             raise ValueError(f"{stem}: {exc}") from None
     return accumulator.compute(dataset.class_names)
+
+
+@torch.no_grad()
+def model_confusion(
+    model: FCN8s,
+    dataset: SegmentationDataset,
+    *,
+    device: str | torch.device = "cpu",
+    num_iterations: int | None = None,
+    indices: Sequence[int] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``dataset`` (full-size images, one at a time) and count pixels by (truth, prediction).
+
+    For a :class:`~crfasrnn.models.CrfRnnNet` one backbone pass gives both the FCN's prediction and the CRF's (with
+    ``num_iterations`` mean-field steps; default: the model's own), so the CRF's gain is measured on the same unaries.
+
+    Returns:
+        ``{"fcn": (C, C)}`` or ``{"fcn": ..., "crf": ...}`` int64 confusion matrices on ``device``.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    is_crf = isinstance(model, CrfRnnNet)
+    matrices = {h: ConfusionMatrix(dataset.num_classes) for h in (["fcn", "crf"] if is_crf else ["fcn"])}
+    iterations = model.crf.num_iterations if is_crf and num_iterations is None else num_iterations
+    try:
+        for index in (progress or _identity)(list(range(len(dataset)) if indices is None else indices)):
+            image, label = dataset[index]
+            x = preprocess_batch(image[None].to(device))
+            label = label[None].to(device)
+            unary = model.forward_fcn(x)
+            matrices["fcn"].update(unary.argmax(1), label)
+            if is_crf:
+                saved = model.crf.num_iterations
+                model.crf.num_iterations = iterations
+                try:
+                    out = model.crf(unary, x) if iterations > 0 else unary
+                finally:
+                    model.crf.num_iterations = saved
+                matrices["crf"].update(out.argmax(1), label)
+    finally:
+        model.train(was_training)
+    return {h: m.matrix.to(device) for h, m in matrices.items()}
+
+
+def evaluate_model(
+    model: FCN8s,
+    dataset: SegmentationDataset,
+    *,
+    device: str | torch.device = "cpu",
+    num_iterations: int | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, SegmentationMetrics]:
+    """Metrics of ``model`` on ``dataset``: ``{"fcn": ...}``, plus ``"crf"`` for a CRF-RNN (see :func:`model_confusion`)."""
+    matrices = model_confusion(model, dataset, device=device, num_iterations=num_iterations, progress=progress)
+    return {h: segmentation_metrics(m, dataset.class_names) for h, m in matrices.items()}
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:

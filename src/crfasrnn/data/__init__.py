@@ -20,7 +20,7 @@ from .datasets import (
     read_label_map,
 )
 from .synthetic import make_synthetic_voc
-from .transforms import EvalTransform, TrainTransform
+from .transforms import EvalTransform, TrainTransform, preprocess_batch
 
 __all__ = [
     "SegmentationDataset",
@@ -31,5 +31,6 @@ __all__ = [
     "default_class_names",
     "TrainTransform",
     "EvalTransform",
+    "preprocess_batch",
     "make_synthetic_voc",
 ]

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..image import read_image
+from ..transforms import VOC_CLASSES
 
 __all__ = [
     "SegmentationDataset",
@@ -30,10 +31,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 """Label value that marks pixels to ignore (object boundaries in VOC, padding in training crops)."""
 
-VOC_CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+VOC_CLASS_NAMES = VOC_CLASSES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm")
 

@@ -9,15 +9,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..transforms import VOC_MEAN_RGB
 from .datasets import IGNORE_INDEX
 
-__all__ = ["TrainTransform", "EvalTransform", "MEAN_FILL_RGB"]
+__all__ = ["TrainTransform", "EvalTransform", "MEAN_FILL_RGB", "preprocess_batch"]
 
-MEAN_FILL_RGB = (124, 117, 104)
+MEAN_FILL_RGB = tuple(int(round(c)) for c in VOC_MEAN_RGB)
 """The ImageNet / VOC mean colour (rounded) that pads images: after mean subtraction the padding is ~0, as in the
 reference demo's zero padding."""
+
+
+def preprocess_batch(images: torch.Tensor, *, mean_rgb=VOC_MEAN_RGB) -> torch.Tensor:
+    """A batch of uint8 RGB images to the network's input: float32, ``image - mean_rgb``, channels in BGR order.
+
+    The batch form of :func:`crfasrnn.transforms.preprocess`, run on the images' device.
+
+    Shape:
+        - images: (B, 3, H, W) uint8 RGB.
+        - output: (B, 3, H, W) float32 mean-subtracted BGR.
+
+    Example:
+        >>> preprocess_batch(torch.tensor([200, 100, 50], dtype=torch.uint8).view(1, 3, 1, 1)).flatten()
+        tensor([-53.9390, -16.7790,  76.3200])
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be a (B, 3, H, W) uint8 RGB batch, got {tuple(images.shape)} {images.dtype}")
+    mean = torch.tensor(mean_rgb, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean).flip(1).contiguous()
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -24,6 +24,7 @@ WIDTH = 1 / 16
 # A recipe measured to learn on the generated data within seconds on CPU (see the README's training section).
 SMALL = dict(width=WIDTH, batch_size=4, crop_size=48, workers=0, device="cpu", scale_min=0.75, scale_max=1.25)
 FCN_RECIPE = dict(SMALL, stage="fcn", epochs=16, lr=3e-3, warmup_steps=16, clip_grad_norm=2.0, log_every=1)
+JOINT_RECIPE = dict(SMALL, stage="joint", epochs=1, warmup_steps=8, clip_grad_norm=2.0)
 
 
 def _epochs(records):
@@ -62,11 +63,10 @@ def test_fcn_stage_lowers_the_loss(fcn_run):
 def test_joint_crf_rnn_beats_the_fcn_on_held_out_images(voc, fcn_run, tmp_path, capsys):
     fcn_out, fcn_records = fcn_run
     fcn_miou = _epochs(fcn_records)[-1]["val_miou"]
-    result = train(TrainConfig(data=str(voc), out=str(tmp_path / "joint"), init=str(fcn_out / "last.pt"),
-                               stage="joint", epochs=1, **SMALL))  # fmt: skip
+    result = train(TrainConfig(data=str(voc), out=str(tmp_path / "joint"), init=str(fcn_out / "last.pt"), **JOINT_RECIPE))
     crf_miou = result.val["crf"].mean_iou
-    # measured: FCN 0.488 -> CRF-RNN 0.570 (other data seeds: +0.045, +0.11)
-    assert crf_miou > fcn_miou + 0.03, (fcn_miou, crf_miou)
+    # measured: FCN 0.488 -> CRF-RNN 0.57 (+0.08; other data seeds gave +0.045 and +0.11)
+    assert crf_miou > fcn_miou + 0.04, (fcn_miou, crf_miou)
 
     # `crfasrnn evaluate --weights` on the checkpoint: with and without the CRF, as in training's validation
     report = tmp_path / "eval.json"

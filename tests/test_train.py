@@ -80,6 +80,12 @@ def test_joint_crf_rnn_beats_the_fcn_on_held_out_images(voc, fcn_run, tmp_path, 
     assert main(["evaluate", "--data", str(voc), "--weights", str(fcn_out / "last.pt"), "--json", str(report)]) == 0
     results = json.loads(report.read_text())["results"]
     assert list(results) == ["fcn"] and results["fcn"]["mean_iou"] == pytest.approx(fcn_miou, abs=1e-12)
+    # the CRF-RNN's final weights in the package's format (what `crfasrnn segment` reads) give the same numbers
+    assert main(["evaluate", "--data", str(voc), "--weights", str(tmp_path / "joint/model.safetensors"),
+                 "--json", str(report)]) == 0  # fmt: skip
+    results = json.loads(report.read_text())["results"]
+    assert results["crf"]["mean_iou"] == pytest.approx(crf_miou, abs=1e-12)
+    assert results["crf"]["iou"]["red"] is not None  # class names travel with the weights
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,21 @@ partial file.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "voc_palette",
     "read_image",
+    "read_photo",
+    "overlay_labels",
     "colorize",
     "save_label_map",
     "save_image",
@@ -62,6 +67,45 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
+# Pillow modes of 8-bit images that convert to RGB without loss of meaning (alpha is dropped, as the reference does).
+_CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def read_photo(path: str | os.PathLike) -> np.ndarray:
+    """Read a photograph to segment as (H, W, 3) uint8 RGB, upright (EXIF orientation applied).
+
+    8-bit grayscale, palette and CMYK images are converted to RGB and an alpha channel is dropped (as the reference
+    demo does with ``[:, :, :3]``); each conversion is logged. Images of more than 8 bits per sample (16-bit,
+    32-bit integer or float) are refused: mapping them to 0..255 would be a guess about their range.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not a readable image, corrupt or truncated, or not 8 bits per sample.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode not in _CONVERTIBLE_MODES:
+                raise ValueError(
+                    f"cannot segment {path}: Pillow mode {mode!r} is not an 8-bit image (16-bit or floating-point "
+                    "images are not supported; convert it to 8-bit RGB first)"
+                )
+            im = ImageOps.exif_transpose(im)
+            if mode != "RGB":
+                logger.info("%s: converting %s image to RGB", path, mode)
+                im = im.convert("RGB")
+            array = np.asarray(im).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"cannot segment {path}: the image is empty ({array.shape[1]}x{array.shape[0]})")
+    return array
+
+
 def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
     """(H, W) integer labels to (H, W, 3) uint8 colours with the VOC palette."""
     palette = voc_palette() if palette is None else palette
@@ -74,6 +118,9 @@ def _atomic_save(image: Image.Image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -90,6 +137,73 @@ def save_label_map(labels: np.ndarray, path: str | os.PathLike) -> None:
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     im.putpalette(voc_palette().reshape(-1).tolist())
     _atomic_save(im, Path(path))
+
+
+def overlay_labels(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names,
+    *,
+    alpha: float = 0.55,
+    palette: np.ndarray | None = None,
+) -> np.ndarray:
+    """The photo with its labels' VOC colours blended in, and a legend strip below naming the classes present.
+
+    Label 0 (background) and 255 (ignore) keep the photo's colours; the legend lists every other label that occurs,
+    with its colour and its share of the pixels.
+
+    Args:
+        image: (H, W, 3) uint8 RGB photo.
+        labels: (H, W) integer label map of the same size.
+        class_names: names indexed by label.
+        alpha: opacity of the label colours.
+
+    Returns:
+        (H + legend height, W, 3) uint8 RGB.
+    """
+    image = np.asarray(image)
+    labels = np.asarray(labels)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got shape {image.shape} dtype {image.dtype}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} must have the same H, W")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    palette = voc_palette() if palette is None else palette
+    colours = colorize(labels, palette).astype(np.float32)
+    mask = ((labels != 0) & (labels != 255))[..., None]
+    blended = np.where(mask, (1 - alpha) * image + alpha * colours, image)
+    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+    present = [int(v) for v in np.unique(labels) if v != 255]
+    total = labels.size
+    font = ImageFont.load_default()
+    line = 16
+    width = out.shape[1]
+    entries = []
+    for v in present:
+        name = class_names[v] if v < len(class_names) else f"class_{v}"
+        entries.append((v, f"{name} {100.0 * np.count_nonzero(labels == v) / total:.1f}%"))
+    # lay the entries out in rows that fit the image width
+    rows, row, x = [], [], 4
+    for v, text in entries:
+        w = 18 + int(font.getlength(text)) + 12
+        if row and x + w > width:
+            rows.append(row)
+            row, x = [], 4
+        row.append((v, text, x))
+        x += w
+    if row:
+        rows.append(row)
+    legend = Image.new("RGB", (width, line * max(1, len(rows)) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for r, items in enumerate(rows):
+        y = 2 + r * line
+        for v, text, x0 in items:
+            draw.rectangle([x0, y + 2, x0 + 12, y + 13], fill=tuple(int(c) for c in palette[v % len(palette)]),
+                           outline=(0, 0, 0))
+            draw.text((x0 + 18, y + 2), text, fill=(0, 0, 0), font=font)
+    return np.concatenate([out, np.asarray(legend)], axis=0)
 
 
 def save_image(image: np.ndarray, path: str | os.PathLike) -> None:

@@ -160,22 +160,11 @@ def read_state_dict(path: str | os.PathLike, *, num_classes_hint: int = 21, widt
 
 
 def _read_with_load_weights(path: Path, num_classes: int, width: float) -> dict:
-    try:
-        from .weights import load_weights
-    except ImportError as exc:  # pragma: no cover - the weights module ships with the package
-        raise ValueError(f"cannot read {path}: not a checkpoint or VGG-16 state_dict") from exc
-    from .models import CrfRnnNet
+    """Any file :mod:`crfasrnn.weights` reads (Caffe, the port's .pth, our safetensors), converted to our keys."""
+    from .weights import read_weights
 
-    errors = []
-    for classes in dict.fromkeys((num_classes, 21)):
-        model = CrfRnnNet(classes, width=width)
-        try:
-            load_weights(model, path)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            errors.append(str(exc))
-            continue
-        return model.state_dict()
-    raise ValueError(f"cannot read weights from {path}: {errors[-1]}")
+    state, _ = read_weights(path)
+    return state
 
 
 def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:

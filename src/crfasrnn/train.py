@@ -18,7 +18,9 @@ optional gradient-norm clipping.
 
 Outputs in ``out``: ``last.pt`` (the checkpoint, atomically replaced every epoch and every ``checkpoint_every``
 steps), ``metrics.jsonl`` (one JSON record per logged step and per epoch), ``curves.png`` (loss and validation mIoU
-per epoch) and ``config.json``.
+per epoch), ``config.json``, and for stages ``crf`` / ``joint`` at the end ``model.safetensors`` (the trained CRF-RNN
+in the package's weights format, with its class names: ``crfasrnn segment --weights`` and ``evaluate --weights``
+read it).
 """
 
 from __future__ import annotations
@@ -500,6 +502,17 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                     _write_records(records_path, records)
     finally:
         bar.close()
+    if info.is_main and isinstance(model, CrfRnnNet) and step == total_steps:
+        from .weights import save_weights
+
+        model.crf.num_iterations = config.num_iterations_test
+        save_weights(
+            model,
+            out / "model.safetensors",
+            metadata={"classes": train_set.class_names, "trained_on": str(config.data), "stage": config.stage},
+        )
+        model.crf.num_iterations = config.num_iterations_train
+        logger.info("wrote %s", out / "model.safetensors")
     return TrainResult(
         checkpoint=checkpoint_path, epochs=step // steps_per_epoch, steps=step, final_loss=loss_value, val=val, records=records
     )

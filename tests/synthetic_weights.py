@@ -1,0 +1,103 @@
+"""Synthetic weight files of the published layouts (Caffe V1/V2 NetParameter, the PyTorch port's .pth), for tests.
+
+The Caffe files are written with the same runtime descriptor the reader uses (typed, packed float fields, as Caffe
+writes them), with the layers of the deploy prototxt that carry no weights in between, as in the real file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crfasrnn.models import CrfRnnNet
+from crfasrnn.weights import CAFFE_LAYERS, PORT_KEYS, caffe_messages
+
+# The V1 LayerType numbers of caffe.proto for the types used below (MULTI_STAGE_MEANFIELD is the fork's own).
+_V1_TYPES = {"Convolution": 4, "Deconvolution": 39, "ReLU": 18, "Pooling": 17, "Dropout": 6, "Crop": 40,
+             "Eltwise": 25, "Split": 22, "MultiStageMeanfield": 60}
+
+
+def random_state_dict(num_classes: int = 21, *, width: float = 1 / 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of CrfRnnNet's shapes (fan-in scaled, so logits stay moderate); CRF matrices near the init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CrfRnnNet(num_classes, width=width).state_dict().items()}
+    out = {}
+    for key, shape in shapes.items():
+        std = shape[1:].numel() ** -0.5 if len(shape) > 1 else 0.1
+        out[key] = torch.randn(shape, generator=gen) * std
+    eye = torch.eye(num_classes)
+    out["crf.spatial_weights"] = 3 * eye + 0.1 * out["crf.spatial_weights"]
+    out["crf.bilateral_weights"] = 5 * eye + 0.1 * out["crf.bilateral_weights"]
+    out["crf.compatibility"] = -eye + 0.1 * out["crf.compatibility"]
+    return out
+
+
+def _layer_sequence() -> list[tuple[str, str]]:
+    """(name, type) of the deploy network's layers, in order, with the three `crop` and two `fuse` layers."""
+    seq = []
+    for stage, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)):
+        for i in range(1, n + 1):
+            seq += [(f"conv{stage}_{i}", "Convolution"), (f"relu{stage}_{i}", "ReLU")]
+        seq.append((f"pool{stage}", "Pooling"))
+    seq += [("fc6", "Convolution"), ("relu6", "ReLU"), ("drop6", "Dropout"), ("fc7", "Convolution"),
+            ("relu7", "ReLU"), ("drop7", "Dropout"), ("score-fr", "Convolution"), ("score2", "Deconvolution"),
+            ("score-pool4", "Convolution"), ("crop", "Crop"), ("fuse", "Eltwise"), ("score4", "Deconvolution"),
+            ("score-pool3", "Convolution"), ("crop", "Crop"), ("fuse", "Eltwise"), ("upsample", "Deconvolution"),
+            ("crop", "Crop"), ("splitting", "Split"), ("inference1", "MultiStageMeanfield")]
+    return seq
+
+
+def caffe_blobs(state_dict: dict[str, torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    """Our state_dict as Caffe layer blobs (legacy 4-D shapes: biases (1,1,1,N), CRF matrices (1,1,C,C))."""
+    blobs = {}
+    for layer, keys in CAFFE_LAYERS.items():
+        arrays = []
+        for key in keys:
+            a = state_dict[key].numpy()
+            arrays.append(a.reshape((1,) * (4 - a.ndim) + a.shape))
+        blobs[layer] = arrays
+    return blobs
+
+
+def write_caffemodel(path: Path, state_dict: dict[str, torch.Tensor], *, v1: bool = True, legacy_shapes: bool = True,
+                     raw: bool = False, skip_layer: str | None = None, extra_layer: str | None = None) -> Path:
+    """Write a NetParameter: V1 (`layers`, blobs in field 6, num/channels/height/width) or V2 (`layer`, BlobShape)."""
+    m = caffe_messages(raw=raw)
+    net = m.NetParameter(name="TVG_CRFRNN_COCO_VOC")
+    blobs = caffe_blobs(state_dict)
+    seq = _layer_sequence() + ([(extra_layer, "Convolution")] if extra_layer else [])
+    for name, kind in seq:
+        if name == skip_layer:
+            continue
+        layer = net.layers.add(name=name, type=_V1_TYPES[kind]) if v1 else net.layer.add(name=name, type=kind)
+        arrays = blobs.get(name, [np.zeros((1, 1, 1, 3), np.float32)] if name == extra_layer else [])
+        for a in arrays:
+            blob = layer.blobs.add()
+            if legacy_shapes:
+                blob.num, blob.channels, blob.height, blob.width = a.shape
+            else:
+                squeezed = a.reshape(a.shape[[i for i, d in enumerate(a.shape) if d != 1][0]:] if a.size > 1 else (1,))
+                blob.shape.dim.extend(squeezed.shape)
+            if raw:
+                blob.data.append(np.ascontiguousarray(a, dtype="<f4").tobytes())
+            else:
+                blob.data.extend(a.ravel().tolist())
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+def write_port_pth(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    """The PyTorch port's plain state_dict: crfrnn.* names, compatibility with the opposite sign."""
+    inverse = {ours: (port, factor) for port, (ours, factor) in PORT_KEYS.items()}
+    port = {}
+    for key, value in state_dict.items():
+        if key in inverse:
+            name, factor = inverse[key]
+            port[name] = value * factor
+        else:
+            port[key] = value
+    torch.save(port, path)
+    return path

@@ -85,7 +85,7 @@ def test_joint_crf_rnn_beats_the_fcn_on_held_out_images(voc, fcn_run, tmp_path, 
                  "--json", str(report)]) == 0  # fmt: skip
     results = json.loads(report.read_text())["results"]
     assert results["crf"]["mean_iou"] == pytest.approx(crf_miou, abs=1e-12)
-    assert results["crf"]["iou"]["red"] is not None  # class names travel with the weights
+    assert results["crf"]["iou"]["red"] is not None  # class names from the dataset's classes.txt
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +242,17 @@ def test_toml_config_and_flag_precedence(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "crfasrnn train: error: unknown training options: epoch"
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--stage", "joint", "--lr", "-1"]) == 1
     assert "lr must be a positive number" in capsys.readouterr().err
+
+
+def test_bad_label_in_a_worker_is_one_line(tmp_path, capsys):
+    from crfasrnn.image import save_label_map
+
+    root = make_synthetic_voc(tmp_path / "d", num_train=4, num_val=1, size=(16, 20), seed=5)
+    save_label_map(torch.full((16, 20), 9).numpy(), root / "SegmentationClass/train_0002.png")
+    args = ["train", "--data", str(root), "--out", str(tmp_path / "o"), "--width", str(WIDTH), "--crop-size", "16",
+            "--workers", "1", "--batch-size", "2", "--val-split", "none"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err  # the progress bar shares stderr; the error is its own last line
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("crfasrnn train: error: ") and "train_0002.png: label values [9] lie outside the class range 0..3" in last

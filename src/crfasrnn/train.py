@@ -313,9 +313,30 @@ def train(
     config.validate()
     info, device = dist_utils.setup(config.device)
     try:
-        return _train(config, info, device, progress)
-    finally:
-        dist_utils.teardown()
+        result = _train(config, info, device, progress)
+    except BaseException:
+        dist_utils.teardown(wait=False)
+        raise
+    dist_utils.teardown()
+    return result
+
+
+def _batches(loader: DataLoader):
+    """Iterate ``loader``; an error in a worker process comes back as the original one-line error."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as exc:
+            message = str(exc)
+            if "Original Traceback" in message:  # DataLoader's wrapping of a worker's exception
+                last = message.strip().splitlines()[-1]
+                message = last.split(": ", 1)[1] if ": " in last else last
+                raise type(exc)(message) from None
+            raise
+        yield batch
 
 
 def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device, progress) -> TrainResult:
@@ -437,7 +458,7 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                 epoch_sum.zero_()
             started = time.perf_counter()
             seen = 0
-            for images, labels in loader:
+            for images, labels in _batches(loader):
                 x = preprocess_batch(images.to(device, non_blocking=True))
                 labels = labels.to(device, non_blocking=True)
                 loss_sum, count = _loss_sum(ddp_model(x), labels)

@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +62,9 @@ def test_fcn_stage_lowers_the_loss(fcn_run):
 def test_joint_crf_rnn_beats_the_fcn_on_held_out_images(voc, fcn_run, tmp_path, capsys):
     fcn_out, fcn_records = fcn_run
     fcn_miou = _epochs(fcn_records)[-1]["val_miou"]
-    result = train(TrainConfig(data=str(voc), out=str(tmp_path / "joint"), init=str(fcn_out / "last.pt"), **JOINT_RECIPE))
+    result = train(
+        TrainConfig(data=str(voc), out=str(tmp_path / "joint"), init=str(fcn_out / "last.pt"), **JOINT_RECIPE)
+    )
     crf_miou = result.val["crf"].mean_iou
     # measured: FCN 0.488 -> CRF-RNN 0.57 (+0.08; other data seeds gave +0.045 and +0.11)
     assert crf_miou > fcn_miou + 0.04, (fcn_miou, crf_miou)
@@ -86,6 +87,10 @@ def test_joint_crf_rnn_beats_the_fcn_on_held_out_images(voc, fcn_run, tmp_path, 
     results = json.loads(report.read_text())["results"]
     assert results["crf"]["mean_iou"] == pytest.approx(crf_miou, abs=1e-12)
     assert results["crf"]["iou"]["red"] is not None  # class names from the dataset's classes.txt
+    # --init reads that file too (through crfasrnn.weights): every tensor arrives unchanged
+    again = CrfRnnNet(4, width=WIDTH)
+    assert initialise_from_file(again, tmp_path / "joint/model.safetensors").kind == "weights"
+    _same_state(again.state_dict(), load_checkpoint(tmp_path / "joint/last.pt")["model"])
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +149,9 @@ def test_ddp_two_processes_equal_one(tiny_voc, tmp_path):
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
-    records = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    records = [
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
+    ]
     assert [r["kind"] for r in records[0]] == [r["kind"] for r in records[1]]
     for r1, r2 in zip(*records):
         key = "loss" if r1["kind"] == "step" else "train_loss"
@@ -255,4 +262,7 @@ def test_bad_label_in_a_worker_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err  # the progress bar shares stderr; the error is its own last line
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("crfasrnn train: error: ") and "train_0002.png: label values [9] lie outside the class range 0..3" in last
+    assert (
+        last.startswith("crfasrnn train: error: ")
+        and "train_0002.png: label values [9] lie outside the class range 0..3" in last
+    )

@@ -130,7 +130,9 @@ class SegmentationMetrics:
         return "\n".join(lines)
 
 
-def segmentation_metrics(confusion: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None) -> SegmentationMetrics:
+def segmentation_metrics(
+    confusion: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None
+) -> SegmentationMetrics:
     """Pixel accuracy, mean accuracy, per-class IoU and mean IoU of a (C, C) confusion matrix (rows = truth).
 
     Example:
@@ -207,7 +209,9 @@ def evaluate_predictions(
         raise FileNotFoundError(f"predictions folder not found: {folder}")
     missing = [stem for stem in dataset.ids if not (folder / f"{stem}.png").is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(dataset)} predictions are missing from {folder}, e.g. {missing[0]}.png")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(dataset)} predictions are missing from {folder}, e.g. {missing[0]}.png"
+        )
     accumulator = ConfusionMatrix(dataset.num_classes)
     for (_, label_path), stem in (progress or _identity)(list(zip(dataset.samples, dataset.ids))):
         target = torch.from_numpy(read_label_map(label_path))
@@ -276,7 +280,8 @@ def evaluate_model(
     num_iterations: int | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, SegmentationMetrics]:
-    """Metrics of ``model`` on ``dataset``: ``{"fcn": ...}``, plus ``"crf"`` for a CRF-RNN (see :func:`model_confusion`)."""
+    """Metrics of ``model`` on ``dataset``: ``{"fcn": ...}``, plus ``"crf"`` for a CRF-RNN (see
+    :func:`model_confusion`)."""
     matrices = model_confusion(model, dataset, device=device, num_iterations=num_iterations, progress=progress)
     return {h: segmentation_metrics(m, dataset.class_names) for h, m in matrices.items()}
 

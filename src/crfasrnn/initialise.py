@@ -135,7 +135,9 @@ class InitReport:
     ignored: list[str] = field(default_factory=list)
 
 
-def read_state_dict(path: str | os.PathLike, *, num_classes_hint: int = 21, width_hint: float = 1.0) -> tuple[dict, str]:
+def read_state_dict(
+    path: str | os.PathLike, *, num_classes_hint: int = 21, width_hint: float = 1.0
+) -> tuple[dict, str]:
     """Read weights from ``path`` as an FCN-8s / CRF-RNN state_dict in our key names, and say what the file was.
 
     Kinds: ``"checkpoint"`` (written by ``crfasrnn train``), ``"torchvision-vgg16"``, ``"state_dict"`` (our own
@@ -180,15 +182,15 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
     state, kind = read_state_dict(path, num_classes_hint=model.num_classes, width_hint=model.width)
     report = InitReport(source=str(path), kind=kind)
     own = model.state_dict()
-    backbone = [k for k in own if not k.split(".")[0] in CLASS_LAYERS]
+    backbone = [k for k in own if k.split(".")[0] not in CLASS_LAYERS]
     missing = [k for k in backbone if k not in state]
     if missing:
         raise ValueError(f"{path} ({kind}) lacks backbone tensors: {', '.join(missing[:5])}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in backbone if state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in backbone if state[k].shape != own[k].shape
+    ]
     if wrong:
-        raise ValueError(
-            f"{path} ({kind}) does not fit the model (width {model.width:g}): {'; '.join(wrong[:3])}"
-        )
+        raise ValueError(f"{path} ({kind}) does not fit the model (width {model.width:g}): {'; '.join(wrong[:3])}")
     reinit = False
     new_state = {k: state[k] for k in backbone}
     report.loaded.extend(backbone)
@@ -243,5 +245,7 @@ def model_from_file(path: str | os.PathLike, *, num_iterations: int = 10) -> tup
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:
         raise ValueError(f"{path} ({kind}) lacks tensors: {', '.join(result.missing_keys[:5])}")
-    report = InitReport(source=str(path), kind=kind, loaded=list(model.state_dict()), ignored=list(result.unexpected_keys))
+    report = InitReport(
+        source=str(path), kind=kind, loaded=list(model.state_dict()), ignored=list(result.unexpected_keys)
+    )
     return model, report

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -233,7 +232,9 @@ def _load_datasets(config: TrainConfig) -> tuple[SegmentationDataset, Segmentati
         config.train_split,
         num_classes=config.num_classes,
         class_names=config.class_names,
-        transform=TrainTransform(config.crop_size, scale_range=(config.scale_min, config.scale_max), hflip=config.hflip),
+        transform=TrainTransform(
+            config.crop_size, scale_range=(config.scale_min, config.scale_max), hflip=config.hflip
+        ),
         seed=config.seed,
     )
     val_set = None
@@ -357,7 +358,8 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
         for key in ("stage", "width", "batch_size", "epochs", "seed", "train_split", "crop_size"):
             if saved.get(key) != getattr(config, key):
                 raise ValueError(
-                    f"--resume: {checkpoint_path} was written with {key}={saved.get(key)!r}, now {getattr(config, key)!r}"
+                    f"--resume: {checkpoint_path} was written with {key}={saved.get(key)!r}, "
+                    f"now {getattr(config, key)!r}"
                 )
         model.load_state_dict(checkpoint["model"])
     elif config.init:
@@ -435,7 +437,11 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                 checkpoint_path,
             )
 
-    bar = (progress or (lambda **_: _NoProgress()))(total=last_step, initial=step, desc=f"train {config.stage}") if info.is_main else _NoProgress()
+    bar = (
+        (progress or (lambda **_: _NoProgress()))(total=last_step, initial=step, desc=f"train {config.stage}")
+        if info.is_main
+        else _NoProgress()
+    )
     val: dict[str, SegmentationMetrics] = {}
     loss_value = float("nan")
     try:
@@ -478,13 +484,21 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                 epoch_sum += totals
                 loss_value = float(totals[0] / totals[1])
                 if not math.isfinite(loss_value):
-                    raise RuntimeError(f"the loss became {loss_value} at step {step}; lower --lr or the CRF multipliers")
+                    raise RuntimeError(
+                        f"the loss became {loss_value} at step {step}; lower --lr or the CRF multipliers"
+                    )
                 rate = seen / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", epoch=epoch + 1)
                 if step % config.log_every == 0 or step == last_step:
                     records.append(
-                        {"kind": "step", "step": step, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
+                        {
+                            "kind": "step",
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss_value,
+                            "lr": optimizer.param_groups[0]["lr"],
+                        }
                     )
                 end_of_epoch = step % steps_per_epoch == 0
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) and not end_of_epoch:
@@ -511,7 +525,12 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                     record.update(val_miou=main.mean_iou, val_pixel_accuracy=main.pixel_accuracy)
                     if "crf" in val:
                         record["val_miou_fcn"] = val["fcn"].mean_iou
-                    logger.info("epoch %d: loss %.4f, val mIoU %.2f %%", record["epoch"], record["train_loss"], 100 * main.mean_iou)
+                    logger.info(
+                        "epoch %d: loss %.4f, val mIoU %.2f %%",
+                        record["epoch"],
+                        record["train_loss"],
+                        100 * main.mean_iou,
+                    )
                 records.append(record)
                 save()
                 if info.is_main:
@@ -535,5 +554,10 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
         model.crf.num_iterations = config.num_iterations_train
         logger.info("wrote %s", out / "model.safetensors")
     return TrainResult(
-        checkpoint=checkpoint_path, epochs=step // steps_per_epoch, steps=step, final_loss=loss_value, val=val, records=records
+        checkpoint=checkpoint_path,
+        epochs=step // steps_per_epoch,
+        steps=step,
+        final_loss=loss_value,
+        val=val,
+        records=records,
     )

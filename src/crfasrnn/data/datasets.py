@@ -197,7 +197,9 @@ class VOCSegmentation(SegmentationDataset):
         given = Path(root)
         voc = _voc_root(given)
         if voc is None:
-            raise FileNotFoundError(f"{given} is not a PASCAL VOC folder (no JPEGImages/ in it, VOC2012/ or VOCdevkit/)")
+            raise FileNotFoundError(
+                f"{given} is not a PASCAL VOC folder (no JPEGImages/ in it, VOC2012/ or VOCdevkit/)"
+            )
         sources = [
             (voc / "ImageSets" / "Segmentation" / f"{split}.txt", voc / "SegmentationClass"),
             (voc / "ImageSets" / "SegmentationAug" / f"{split}.txt", voc / "SegmentationClassAug"),
@@ -206,7 +208,9 @@ class VOCSegmentation(SegmentationDataset):
             if list_file.is_file():
                 break
         else:
-            raise FileNotFoundError(f"no split list for split {split!r}: looked for {sources[0][0]} and {sources[1][0]}")
+            raise FileNotFoundError(
+                f"no split list for split {split!r}: looked for {sources[0][0]} and {sources[1][0]}"
+            )
         ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
         samples, missing = [], []
         for stem in ids:
@@ -279,7 +283,9 @@ def open_dataset(
         if class_names is None and _voc_root(root) is not None:
             class_names = _read_class_names(_voc_root(root))
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-            logger.warning("classes.txt names %d classes but num_classes is %d; ignoring it", len(class_names), num_classes)
+            logger.warning(
+                "classes.txt names %d classes but num_classes is %d; ignoring it", len(class_names), num_classes
+            )
             class_names = None
     if num_classes is None:
         num_classes = len(class_names) if class_names is not None else len(VOC_CLASS_NAMES)

@@ -70,7 +70,8 @@ def make_synthetic_voc(
 ) -> Path:
     """Write a VOC-layout dataset of generated images under ``root`` and return ``root``.
 
-    Writes ``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` (VOC palette PNGs), ``ImageSets/Segmentation/{train,val}.txt``
+    Writes ``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` (VOC palette PNGs),
+    ``ImageSets/Segmentation/{train,val}.txt``
     and ``classes.txt``. The result depends only on the arguments.
 
     Args:

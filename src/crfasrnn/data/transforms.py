@@ -83,9 +83,7 @@ class TrainTransform:
         self.hflip = bool(hflip)
         self.fill = tuple(int(c) for c in fill)
 
-    def __call__(
-        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.scale_range
         scale = float(rng.uniform(lo, hi)) if hi > lo else lo
         if scale != 1.0:

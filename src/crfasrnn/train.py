@@ -361,6 +361,11 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                     f"--resume: {checkpoint_path} was written with {key}={saved.get(key)!r}, "
                     f"now {getattr(config, key)!r}"
                 )
+        if checkpoint.get("world_size", 1) != info.world_size:
+            raise ValueError(
+                f"--resume: {checkpoint_path} was written by {checkpoint.get('world_size', 1)} processes, now "
+                f"{info.world_size}: the order of the samples would change"
+            )
         model.load_state_dict(checkpoint["model"])
     elif config.init:
         initialise_from_file(model, config.init)
@@ -429,6 +434,7 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
                     "epoch": step // steps_per_epoch,
                     "step": step,
                     "epoch_loss": epoch_sum.cpu(),
+                    "world_size": info.world_size,
                     "rng": rng,
                     "args": config.to_dict(),
                     "num_classes": num_classes,

@@ -368,3 +368,24 @@ def test_filter_sum_softmax_out(device_backend, dtype, in_place):
     torch.testing.assert_close(target, torch.softmax(expected_total, dim=-1), atol=tol, rtol=1e-5)
     with pytest.raises(ValueError, match="softmax_out"):
         filter_sum(values, [first, second], scales, softmax_out=torch.empty(2, 42, 4, dtype=dtype, device=device))
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_concurrent_filtering_from_threads_matches_serial():
+    """Scratch grids are handed out per call: lattices filtered from several threads at once give the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lattices = [PermutohedralLattice(_random_features(1, 3, 70, 80, torch.float32, "cpu", seed=s), backend="numba")
+                for s in range(3)]
+    values = [torch.rand(1, 70 * 80, 5, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    expected = [lat.filter_points(v, normalize=True) for lat, v in zip(lattices, values)]
+    pair = filter_sum(values[0], [lattices[0], lattices[0]], [torch.ones(5), -torch.ones(5)])
+    torch.testing.assert_close(pair, torch.zeros_like(pair), atol=1e-6, rtol=0)  # the same lattice twice
+
+    def job(k):
+        return lattices[k % 3].filter_points(values[k % 3], normalize=True)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(job, range(12)))
+    for k, result in enumerate(results):
+        assert torch.equal(result, expected[k % 3])

@@ -311,7 +311,6 @@ def filter_sum(
             base = torch.zeros_like(values)
         fused = (
             len(lattices) == 2
-            and lattices[0] is not lattices[1]
             and all(lattice.backend == "numba" for lattice in lattices)
             and base.is_contiguous()
         )

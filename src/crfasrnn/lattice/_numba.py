@@ -15,7 +15,7 @@ seconds per dtype); later processes load the machine code.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -51,20 +51,40 @@ class NumbaLattice:
     splat_weights: np.ndarray
     num_vertices: int
     dim: int
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _buffers: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def workspace(self, num_channels: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Two (M+1, C) value buffers for splat and blur, allocated once and reused (hold :attr:`lock`).
 
-        Reusing them matters: fresh multi-megabyte buffers are new pages for the kernel to fault in on every call.
-        """
-        key = (num_channels, np.dtype(dtype).str)
-        if key not in self._buffers:
-            self._buffers.clear()  # keep one size only: a lattice is filtered with one channel count at a time
-            shape = (self.num_vertices + 1, num_channels)
-            self._buffers[key] = (np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype))
-        return self._buffers[key]
+class _ScratchPool:
+    """Reusable flat buffers for the lattice value grids, shared by all lattices.
+
+    A forward builds a new bilateral lattice, and a fresh multi-megabyte grid is new pages for the kernel to fault in
+    (with glibc, freed large blocks go back to the operating system). Buffers are handed out whole to one caller at a
+    time, so lattices can be filtered from several threads; the pool keeps at most ``limit`` bytes of idle buffers.
+    """
+
+    def __init__(self, limit: int = 256 << 20) -> None:
+        self._idle: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def take(self, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        """A (rows, channels) array, from an idle buffer of the dtype holding between 1 and 2 times the need."""
+        need = shape[0] * shape[1]
+        with self._lock:
+            fits = [i for i, b in enumerate(self._idle) if b.dtype == dtype and need <= b.size <= 2 * need + 4096]
+            if fits:
+                best = min(fits, key=lambda i: self._idle[i].size)
+                return self._idle.pop(best)[:need].reshape(shape)
+        return np.empty(need + need // 8, dtype=dtype)[:need].reshape(shape)  # slack: the next image's grid may be larger
+
+    def give(self, *arrays: np.ndarray) -> None:
+        with self._lock:
+            for array in arrays:
+                self._idle.append(array.base if array.base is not None else array)
+            while sum(b.nbytes for b in self._idle) > self._limit:
+                self._idle.pop(0)
+
+
+_SCRATCH = _ScratchPool()
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -365,13 +385,13 @@ def _slice(grid, offsets, weights, alpha, post_scale, out):  # pragma: no cover 
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _exp_nonpositive(x, scale_bits, c):  # pragma: no cover - compiled
-    """``exp(x)`` for ``x <= 0`` without a libm call, so that loops over it vectorise (Cephes ``expf``: 2^n · p(r)).
+def _exp_nonpositive(x):  # pragma: no cover - compiled
+    """``exp(x)`` for ``x <= 0`` as (mantissa part, bits of the float 2^n), without a libm call (Cephes ``expf``).
 
-    Returns the mantissa part ``p(r)`` and stores the exponent ``2^n`` as float bits in ``scale_bits[c]``. Float32
-    arithmetic; relative error a few ULP (the tests compare it with ``torch.softmax``). Below e^-75 (3e-33) the result
-    is exactly 0: such probabilities change nothing, and near-denormal values would turn every later multiplication by
-    a lattice weight into a denormal one, which the CPU executes a hundred times slower.
+    Pure float32 arithmetic, so that a loop over it vectorises; relative error a few ULP (the tests compare the softmax
+    with ``torch.softmax``). Below e^-75 (3e-33) the result is exactly 0: such probabilities change nothing, and
+    near-denormal values would turn later multiplications by lattice weights into denormal ones, which the CPU executes
+    a hundred times slower.
     """
     keep = x >= np.float32(-75.0)
     x = max(x, np.float32(-87.0))
@@ -383,8 +403,8 @@ def _exp_nonpositive(x, scale_bits, c):  # pragma: no cover - compiled
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
-    scale_bits[c] = ((np.int32(n) + np.int32(127)) << 23) if keep else np.int32(0)
-    return p * r * r + r + np.float32(1.0)
+    p = p * r * r + r + np.float32(1.0)
+    return p, ((np.int32(n) + np.int32(127)) << 23) if keep else np.int32(0)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -393,18 +413,19 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
 
     A lattice built over fewer points than P (one image's lattice shared by a batch, its grid holding the images side
     by side in its channels) is indexed with point ``i % rows`` and channel offset ``(i // rows) * C``. The slice
-    factor 1 / (1 + 2^-d) is folded into the scales ``k`` by the caller. Rows are taken as contiguous views, which lets
-    the channel loops vectorise. Where ``soft`` is (P, C) (not empty), it receives the softmax of each output row.
+    factor 1 / (1 + 2^-d) is folded into ``k`` by the caller. Rows are taken as contiguous views, which lets the
+    channel loops vectorise. Where ``soft`` is (P, C) (not empty), it receives the softmax of each output row,
+    computed 64 rows at a time over flat buffers so that the exponentials vectorise.
     """
     num_points, num_channels = out.shape
     rows1 = off1.shape[0]
     rows2 = off2.shape[0]
     do_softmax = soft.shape[0] > 0
-    chunk = 64
-    for ch in numba.prange((num_points + chunk - 1) // chunk):
-        scale = np.empty(num_channels, dtype=out.dtype)
-        scale_bits = scale.view(np.int32)
-        for i in range(ch * chunk, min(num_points, (ch + 1) * chunk)):
+    block = 64
+    for blk in numba.prange((num_points + block - 1) // block):
+        first = blk * block
+        last = min(num_points, first + block)
+        for i in range(first, last):
             r1 = i % rows1
             c1 = (i // rows1) * num_channels
             r2 = i % rows2
@@ -425,30 +446,47 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
                 w = w2[r2, r] * post2[r2]
                 for c in range(num_channels):
                     o[c] += (w * k2[c]) * row[c]
-            if do_softmax:
-                s = soft[i]
-                m = o[0]
+        if do_softmax:
+            shifted = np.empty(block * num_channels, dtype=out.dtype)
+            scale_bits = np.empty(block * num_channels, dtype=np.int32)
+            scale = scale_bits.view(out.dtype)
+            m = 0
+            for i in range(first, last):
+                o = out[i]
+                top = o[0]
                 for c in range(1, num_channels):
-                    m = max(m, o[c])
+                    top = max(top, o[c])
                 for c in range(num_channels):
-                    s[c] = _exp_nonpositive(o[c] - m, scale_bits, c)
-                total = np.float32(0.0)
-                for c in range(num_channels):
-                    s[c] *= scale[c]
-                    total += s[c]
+                    shifted[m + c] = o[c] - top
+                m += num_channels
+            for j in range(m):
+                shifted[j], scale_bits[j] = _exp_nonpositive(shifted[j])
+            for j in range(m):
+                shifted[j] *= scale[j]
+            m = 0
+            for i in range(first, last):
+                s = soft[i]
+                total = shifted[m]
+                for c in range(1, num_channels):
+                    total += shifted[m + c]
                 inv = np.float32(1.0) / total
                 for c in range(num_channels):
-                    s[c] *= inv
+                    s[c] = shifted[m + c] * inv
+                m += num_channels
 
 
 def _splat_blur(lattice: NumbaLattice, vals: np.ndarray, reverse: bool, pre: np.ndarray) -> np.ndarray:
-    """Splat and blur into the lattice's workspace; returns the blurred grid (the caller holds ``lattice.lock``)."""
-    grid, spare = lattice.workspace(vals.shape[1], vals.dtype)
-    _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
-    half = vals.dtype.type(0.5)
-    for j in range(lattice.dim, -1, -1) if reverse else range(lattice.dim + 1):
-        _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
-        grid, spare = spare, grid
+    """Splat and blur into a scratch grid; returns it (give it back to ``_SCRATCH`` when done)."""
+    shape = (lattice.num_vertices + 1, vals.shape[1])
+    grid, spare = _SCRATCH.take(shape, vals.dtype), _SCRATCH.take(shape, vals.dtype)
+    try:
+        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
+        half = vals.dtype.type(0.5)
+        for j in range(lattice.dim, -1, -1) if reverse else range(lattice.dim + 1):
+            _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
+            grid, spare = spare, grid
+    finally:
+        _SCRATCH.give(spare)
     return grid
 
 
@@ -472,8 +510,7 @@ def filter_sum(
     ``softmax_out`` (optional, may be the memory of ``values``) receives the softmax of each row of ``out``.
     """
     grids = []
-    first, second = sorted(range(2), key=lambda k: id(lattices[k]))  # one lock order for every caller
-    with lattices[first].lock, lattices[second].lock:
+    try:
         for lattice, vals in zip(lattices, values):
             v = vals.detach().numpy()
             grids.append(_splat_blur(lattice, v, False, np.empty(0, dtype=v.dtype)))
@@ -484,6 +521,8 @@ def filter_sum(
         soft = np.empty((0, 0), dtype=dtype) if softmax_out is None else softmax_out.detach().numpy()
         _slice_sum2(g1, l1.offsets, l1.weights, k[0], post[0], g2, l2.offsets, l2.weights, k[1], post[1],
                     base.detach().numpy(), out.detach().numpy(), soft)
+    finally:
+        _SCRATCH.give(*grids)
     return out
 
 
@@ -503,7 +542,9 @@ def filter_points(
     pre = none if pre_scale is None else pre_scale.detach().reshape(-1).numpy()
     post = none if post_scale is None else post_scale.detach().reshape(-1).numpy()
     result = torch.empty_like(values) if out is None else out  # one allocator for every large tensor
-    with lattice.lock:
-        grid = _splat_blur(lattice, vals, reverse, pre)
+    grid = _splat_blur(lattice, vals, reverse, pre)
+    try:
         _slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, d), post, result.detach().numpy())
+    finally:
+        _SCRATCH.give(grid)
     return result

@@ -425,11 +425,17 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
     for blk in numba.prange((num_points + block - 1) // block):
         first = blk * block
         last = min(num_points, first + block)
+        r1 = first % rows1  # row and channel offset in each lattice, advanced per point below (no division per row)
+        c1 = (first // rows1) * num_channels
+        r2 = first % rows2
+        c2 = (first // rows2) * num_channels
         for i in range(first, last):
-            r1 = i % rows1
-            c1 = (i // rows1) * num_channels
-            r2 = i % rows2
-            c2 = (i // rows2) * num_channels
+            if r1 == rows1:
+                r1 = 0
+                c1 += num_channels
+            if r2 == rows2:
+                r2 = 0
+                c2 += num_channels
             o = out[i]
             o[:] = 0.0
             for r in range(off1.shape[1]):
@@ -446,6 +452,8 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
                 w = w2[r2, r] * post2[r2]
                 for c in range(num_channels):
                     o[c] += (w * k2[c]) * row[c]
+            r1 += 1
+            r2 += 1
         if do_softmax:
             shifted = np.empty(block * num_channels, dtype=out.dtype)
             scale_bits = np.empty(block * num_channels, dtype=np.int32)

@@ -250,3 +250,12 @@ def test_parameter_device_mismatch():
     unary, image = _random_inputs(1, 3, 4, 5)
     with pytest.raises(ValueError, match="on meta but the layer's parameters are on cpu"):
         CrfRnn(3, 1)(unary.to("meta"), image.to("meta"))
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    """The layer's backward is first-order only: asking for a second derivative raises instead of answering wrongly."""
+    crf = CrfRnn(3, 2)
+    unary = torch.randn(1, 3, 6, 7, requires_grad=True)
+    (grad,) = torch.autograd.grad(crf(unary, torch.rand(1, 3, 6, 7) * 255).pow(2).sum(), unary, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

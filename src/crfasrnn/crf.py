@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .lattice import PermutohedralLattice, all_finite, filter_sum
 
@@ -169,9 +170,12 @@ def crf_rnn(
     if not (needs_matrix_grads or (grad_mode and unary.requires_grad)):
         q = _mean_field_inference(u, spatial, bilateral, a_s.detach(), a_b.detach(), num_iterations, b)
     else:
+        # Every iteration's probabilities (what backward needs) in one block allocated up front: one large mapping
+        # that goes back to the system when freed, instead of a heap fragmented by ten tensor-sized blocks.
+        probs = torch.empty((num_iterations, *u.shape), dtype=dtype, device=u.device)
         q = u
-        for _ in range(num_iterations):
-            q = _MeanFieldUpdate.apply(F.softmax(q, dim=1), u, a_s, a_b, spatial, bilateral, b)
+        for t in range(num_iterations):
+            q = _MeanFieldStep.apply(q, u, a_s, a_b, spatial, bilateral, b, probs[t])
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -209,24 +213,31 @@ def _mean_field_inference(
     return q
 
 
-class _MeanFieldUpdate(torch.autograd.Function):
-    """``q = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b`` for (B·N, C) probabilities ``p``, saving only ``p``.
+class _MeanFieldStep(torch.autograd.Function):
+    """One iteration: ``p = softmax(q)``, ``q' = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b``, saving only ``p``.
 
-    Backward needs no filtered message: with ``r = −Kᵀ (n ⊙ G)`` (one transposed filtering per kernel),
-    ``∂L/∂p = r_s A_sᵀ + r_b A_bᵀ``, ``∂L/∂A = pᵀ r`` (channel mixing commutes with the per-channel filter) and
-    ``∂L/∂u = G``. ``p`` is also what softmax saves for its own backward, so an iteration keeps one (B·N, C) tensor.
+    For (B·N, C) scores; ``p`` is written into ``p_out`` (a slot of a block allocated for all iterations). Backward
+    needs no filtered message: with ``r = −Kᵀ (n ⊙ G)`` (one transposed filtering per kernel),
+    ``∂L/∂p = r_s A_sᵀ + r_b A_bᵀ``, ``∂L/∂A = pᵀ r`` (channel mixing commutes with the per-channel filter),
+    ``∂L/∂u = G`` and, through the softmax, ``∂L/∂q = p ⊙ (∂L/∂p − Σ_c p ⊙ ∂L/∂p)``.
     ``A`` may be a (C, C) matrix or a (C,) vector of per-class scales.
     """
 
     @staticmethod
-    def forward(ctx, p, u, a_s, a_b, spatial, bilateral, batch):
-        ctx.save_for_backward(p, a_s, a_b)
+    def forward(ctx, q, u, a_s, a_b, spatial, bilateral, batch, p_out):
+        _softmax_into(q.detach(), p_out)
+        ctx.save_for_backward(a_s, a_b)
+        # Kept as an attribute, not a saved tensor: writing the next iteration's slot bumps the version counter shared
+        # by all slots of the block, which saved-tensor checks would take for a modification of this one.
+        ctx.p = p_out
         ctx.lattices, ctx.batch = (spatial, bilateral), batch
-        return _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=torch.empty_like(u))
+        return _filter_and_update(p_out, u, a_s, a_b, spatial, bilateral, batch, q=torch.empty_like(u))
 
     @staticmethod
+    @once_differentiable  # second derivatives would need p's dependence on q, which is not recorded
     def backward(ctx, grad):
-        p, a_s, a_b = ctx.saved_tensors
+        a_s, a_b = ctx.saved_tensors
+        p = ctx.p
         g = grad.view(ctx.batch, -1, grad.shape[1])
         grad_p = torch.zeros_like(p)
         grad_a = []
@@ -238,7 +249,8 @@ class _MeanFieldUpdate(torch.autograd.Function):
             else:
                 grad_p.addcmul_(r, a)
                 grad_a.append((p * r).sum(dim=0))
-        return grad_p, grad, grad_a[0], grad_a[1], None, None, None
+        grad_q = grad_p.sub_((grad_p * p).sum(dim=1, keepdim=True)).mul_(p)  # softmax backward, in place
+        return grad_q, grad, grad_a[0], grad_a[1], None, None, None, None
 
 
 def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, s=None, bf=None):

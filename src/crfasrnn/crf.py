@@ -201,9 +201,10 @@ def _mean_field_inference(
         # p (the splats have read p by then) for the next iteration.
         points = p.view(batch, -1, p.shape[1])
         scales = (-a_s, -a_b)
-        for _ in range(num_iterations):
+        for t in range(num_iterations):
+            last = t == num_iterations - 1  # earlier iterations need only the softmax: their scores are not stored
             filter_sum(points, (spatial, bilateral), scales, base=u.view_as(points), out=q.view_as(points),
-                       softmax_out=points)
+                       softmax_out=None if last else points, keep_sum=last)
         return q
     s, bf = torch.empty_like(u), torch.empty_like(u)
     for t in range(num_iterations):

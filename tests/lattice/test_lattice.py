@@ -366,8 +366,16 @@ def test_filter_sum_softmax_out(device_backend, dtype, in_place):
     torch.testing.assert_close(total, expected_total)
     tol = 2e-7 if dtype == torch.float32 else 1e-15
     torch.testing.assert_close(target, torch.softmax(expected_total, dim=-1), atol=tol, rtol=1e-5)
+    # only the softmax wanted: the sum is not stored, and the result is the same
+    only = values.clone() if in_place else torch.empty_like(values)
+    returned = filter_sum(only if in_place else values, [first, second], scales, base=base, softmax_out=only,
+                          keep_sum=False)
+    assert returned is only
+    torch.testing.assert_close(only, target, atol=tol, rtol=1e-5)
     with pytest.raises(ValueError, match="softmax_out"):
         filter_sum(values, [first, second], scales, softmax_out=torch.empty(2, 42, 4, dtype=dtype, device=device))
+    with pytest.raises(ValueError, match="keep_sum"):
+        filter_sum(values, [first, second], scales, keep_sum=False)
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")

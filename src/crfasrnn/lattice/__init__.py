@@ -254,6 +254,7 @@ def filter_sum(
     normalize: bool = True,
     out: torch.Tensor | None = None,
     softmax_out: torch.Tensor | None = None,
+    keep_sum: bool = True,
 ) -> torch.Tensor:
     """A weighted sum of several lattices' filterings of the same values: ``base + Σ_k scales[k] ⊙ K_k values``.
 
@@ -271,9 +272,11 @@ def filter_sum(
         softmax_out: optional contiguous (B, H·W, C) tensor that receives the softmax of the result over its channels
             (a mean-field step's next probabilities); it may be ``values`` itself. On the numba back end in float32
             it is computed in the same pass, which spares a pass over memory and a hand-over to torch's thread pool.
+        keep_sum: with ``softmax_out``, ``False`` means that only the softmax is wanted: the sum is not stored (``out``
+            is ignored) and ``softmax_out`` is returned.
 
     Returns:
-        (B, H·W, C) sum (``out`` when given).
+        (B, H·W, C) sum (``out`` when given), or ``softmax_out`` where ``keep_sum`` is False.
 
     Example:
         >>> yy, xx = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="ij")
@@ -306,6 +309,8 @@ def filter_sum(
     ):
         raise ValueError(f"softmax_out must be a contiguous tensor like values {tuple(values.shape)} {values.dtype}, "
                          f"got {tuple(softmax_out.shape)} {softmax_out.dtype}")
+    if not keep_sum and softmax_out is None:
+        raise ValueError("keep_sum=False needs softmax_out: otherwise nothing would be computed")
     with torch.no_grad():
         if base is None:
             base = torch.zeros_like(values)
@@ -324,6 +329,17 @@ def filter_sum(
                 inputs[-1] = inputs[-1].contiguous()
                 posts.append(lattice.normalizer if normalize else values.new_ones(lattice.batch_size * n))
             fused_softmax = softmax_out is not None and values.dtype == torch.float32
+            if fused_softmax and not keep_sum:
+                _numba.filter_sum(
+                    tuple(lattices[k]._structure for k in range(2)),
+                    tuple(inputs),
+                    tuple(s.to(values.dtype).contiguous() for s in scales),
+                    tuple(posts),
+                    base.reshape(b * n, c),
+                    None,
+                    softmax_out.view(b * n, c),
+                )
+                return softmax_out
             _numba.filter_sum(
                 tuple(lattices[k]._structure for k in range(2)),
                 tuple(inputs),
@@ -335,7 +351,7 @@ def filter_sum(
             )
             if softmax_out is not None and not fused_softmax:
                 torch.softmax(out, dim=-1, out=softmax_out)
-            return out
+            return out if keep_sum else softmax_out
         terms = [lattice.filter_points(values, normalize=normalize) for lattice in lattices]
         if out is not base:
             out.copy_(base)
@@ -343,7 +359,7 @@ def filter_sum(
             out.addcmul_(term, scale.to(values.dtype))
         if softmax_out is not None:
             torch.softmax(out, dim=-1, out=softmax_out)
-        return out
+        return out if keep_sum else softmax_out
 
 
 class _LatticeFilter(torch.autograd.Function):

@@ -415,16 +415,19 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
     by side in its channels) is indexed with point ``i % rows`` and channel offset ``(i // rows) * C``. The slice
     factor 1 / (1 + 2^-d) is folded into ``k`` by the caller. Rows are taken as contiguous views, which lets the
     channel loops vectorise. Where ``soft`` is (P, C) (not empty), it receives the softmax of each output row,
-    computed 64 rows at a time over flat buffers so that the exponentials vectorise.
+    computed 64 rows at a time over flat buffers so that the exponentials vectorise. Where ``out`` is empty (then
+    ``soft`` is not), the sum is only kept for the softmax, which spares writing it to memory.
     """
-    num_points, num_channels = out.shape
+    num_points, num_channels = base.shape
     rows1 = off1.shape[0]
     rows2 = off2.shape[0]
     do_softmax = soft.shape[0] > 0
+    keep_sum = out.shape[0] > 0
     block = 64
     for blk in numba.prange((num_points + block - 1) // block):
         first = blk * block
         last = min(num_points, first + block)
+        local = np.empty((0 if keep_sum else block, num_channels), dtype=base.dtype)
         r1 = first % rows1  # row and channel offset in each lattice, advanced per point below (no division per row)
         c1 = (first // rows1) * num_channels
         r2 = first % rows2
@@ -436,7 +439,7 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
             if r2 == rows2:
                 r2 = 0
                 c2 += num_channels
-            o = out[i]
+            o = out[i] if keep_sum else local[i - first]
             o[:] = 0.0
             for r in range(off1.shape[1]):
                 row = g1[off1[r1, r], c1 : c1 + num_channels]
@@ -460,7 +463,7 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
             scale = scale_bits.view(out.dtype)
             m = 0
             for i in range(first, last):
-                o = out[i]
+                o = out[i] if keep_sum else local[i - first]
                 top = o[0]
                 for c in range(1, num_channels):
                     top = max(top, o[c])
@@ -508,14 +511,15 @@ def filter_sum(
     scales: tuple[torch.Tensor, torch.Tensor],
     post_scales: tuple[torch.Tensor, torch.Tensor],
     base: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     softmax_out: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> None:
     """``out = base + Σ_k scales[k] ⊙ post_scales[k] ⊙ K_k values[k]`` for two lattices, sliced in one pass.
 
     ``values[k]`` is (P_k, C_k) in lattice k's point layout (C_k = C · P / P_k where the lattice is shared by a batch);
     ``scales[k]`` are (C,), ``post_scales[k]`` (P_k,); ``base``, ``out`` and ``softmax_out`` (P, C) contiguous;
-    ``softmax_out`` (optional, may be the memory of ``values``) receives the softmax of each row of ``out``.
+    ``softmax_out`` (optional, may be the memory of ``values``) receives the softmax of each row of the sum; ``out``
+    may be None when ``softmax_out`` is given.
     """
     grids = []
     try:
@@ -526,12 +530,12 @@ def filter_sum(
         k = [(s.detach().numpy() * _alpha(dtype, lat.dim)).astype(dtype) for s, lat in zip(scales, lattices)]
         post = [p.detach().reshape(-1).numpy() for p in post_scales]
         (l1, l2), (g1, g2) = lattices, grids
-        soft = np.empty((0, 0), dtype=dtype) if softmax_out is None else softmax_out.detach().numpy()
+        none2 = np.empty((0, 0), dtype=dtype)
+        soft = none2 if softmax_out is None else softmax_out.detach().numpy()
         _slice_sum2(g1, l1.offsets, l1.weights, k[0], post[0], g2, l2.offsets, l2.weights, k[1], post[1],
-                    base.detach().numpy(), out.detach().numpy(), soft)
+                    base.detach().numpy(), none2 if out is None else out.detach().numpy(), soft)
     finally:
         _SCRATCH.give(*grids)
-    return out
 
 
 def filter_points(

@@ -329,24 +329,14 @@ def filter_sum(
                 inputs[-1] = inputs[-1].contiguous()
                 posts.append(lattice.normalizer if normalize else values.new_ones(lattice.batch_size * n))
             fused_softmax = softmax_out is not None and values.dtype == torch.float32
-            if fused_softmax and not keep_sum:
-                _numba.filter_sum(
-                    tuple(lattices[k]._structure for k in range(2)),
-                    tuple(inputs),
-                    tuple(s.to(values.dtype).contiguous() for s in scales),
-                    tuple(posts),
-                    base.reshape(b * n, c),
-                    None,
-                    softmax_out.view(b * n, c),
-                )
-                return softmax_out
+            store_sum = keep_sum or not fused_softmax  # only the softmax wanted and fused: the sum is never stored
             _numba.filter_sum(
                 tuple(lattices[k]._structure for k in range(2)),
                 tuple(inputs),
                 tuple(s.to(values.dtype).contiguous() for s in scales),
                 tuple(posts),
                 base.reshape(b * n, c),
-                out.view(b * n, c),
+                out.view(b * n, c) if store_sum else None,
                 softmax_out.view(b * n, c) if fused_softmax else None,
             )
             if softmax_out is not None and not fused_softmax:

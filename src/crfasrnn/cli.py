@@ -25,6 +25,9 @@ def _demo(args: argparse.Namespace) -> int:
         f"CRF refinement changed the label of {result.changed_pixels} of the {result.labelled_pixels} labelled pixels "
         f"({share:.1f} %) and labelled the {result.unknown_pixels} unknown pixels, in {result.seconds:.2f} s"
     )
+    if result.warmup_seconds > 1.0:
+        print(f"(before that, {result.warmup_seconds:.1f} s went into compiling the CPU kernels: a one-time cost, they "
+              "are cached on disk for later runs)")
     return 0
 
 

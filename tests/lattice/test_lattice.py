@@ -397,3 +397,15 @@ def test_concurrent_filtering_from_threads_matches_serial():
         results = list(pool.map(job, range(12)))
     for k, result in enumerate(results):
         assert torch.equal(result, expected[k % 3])
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_empty_cache_releases_the_idle_grids():
+    from crfasrnn.lattice import empty_cache
+
+    lattice = PermutohedralLattice(_random_features(1, 3, 40, 50, torch.float32, "cpu"), backend="numba")
+    values = torch.rand(1, 2000, 4)
+    expected = lattice.filter_points(values)
+    assert empty_cache() > 0  # the filtering's grids went back to the pool
+    assert empty_cache() == 0
+    assert torch.equal(lattice.filter_points(values), expected)  # and filtering works after a release

@@ -61,7 +61,7 @@ class _ScratchPool:
     time, so lattices can be filtered from several threads; the pool keeps at most ``limit`` bytes of idle buffers.
     """
 
-    def __init__(self, limit: int = 256 << 20) -> None:
+    def __init__(self, limit: int = 128 << 20) -> None:
         self._idle: list[np.ndarray] = []
         self._lock = threading.Lock()
         self._limit = limit
@@ -75,6 +75,13 @@ class _ScratchPool:
                 best = min(fits, key=lambda i: self._idle[i].size)
                 return self._idle.pop(best)[:need].reshape(shape)
         return np.empty(need + need // 8, dtype=dtype)[:need].reshape(shape)  # slack: the next image's grid may be larger
+
+    def clear(self) -> int:
+        """Drop the idle buffers; returns the bytes released."""
+        with self._lock:
+            released = sum(b.nbytes for b in self._idle)
+            self._idle.clear()
+        return released
 
     def give(self, *arrays: np.ndarray) -> None:
         with self._lock:

@@ -7,9 +7,11 @@ partial file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "voc_palette",
+    "opened_image",
     "read_image",
     "read_photo",
     "overlay_labels",
@@ -57,6 +60,34 @@ def voc_palette(num_entries: int = 256) -> np.ndarray:
     return palette
 
 
+@contextlib.contextmanager
+def opened_image(
+    path: str | os.PathLike,
+    what: str = "image",
+    errors: tuple[type[BaseException], ...] = (UnidentifiedImageError, OSError),
+) -> Iterator[Image.Image]:
+    """Open and load an image file for the ``with`` block, turning failures into one clear error.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages ("image", "label map", ...).
+        errors: exceptions, raised by Pillow or by the block, reported as an unreadable file.
+
+    Raises:
+        FileNotFoundError: ``{what} not found: {path}``.
+        ValueError: ``cannot read {what} {path}: {reason}`` for any of ``errors``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            yield im
+    except errors as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB.
 
@@ -64,15 +95,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable image.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB")).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    with opened_image(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
 
 
 # Pillow modes of 8-bit images that convert to RGB without loss of meaning (alpha is dropped, as the reference does).
@@ -91,24 +115,18 @@ def read_photo(path: str | os.PathLike) -> np.ndarray:
         ValueError: not a readable image, corrupt or truncated, or not 8 bits per sample.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode not in _CONVERTIBLE_MODES:
-                raise ValueError(
-                    f"cannot segment {path}: Pillow mode {mode!r} is not an 8-bit image (16-bit or floating-point "
-                    "images are not supported; convert it to 8-bit RGB first)"
-                )
-            im = ImageOps.exif_transpose(im)
-            if mode != "RGB":
-                logger.info("%s: converting %s image to RGB", path, mode)
-                im = im.convert("RGB")
-            array = np.asarray(im).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    with opened_image(path, errors=(UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)) as im:
+        mode = im.mode
+        if mode not in _CONVERTIBLE_MODES:
+            raise ValueError(
+                f"cannot segment {path}: Pillow mode {mode!r} is not an 8-bit image (16-bit or floating-point "
+                "images are not supported; convert it to 8-bit RGB first)"
+            )
+        im = ImageOps.exif_transpose(im)
+        if mode != "RGB":
+            logger.info("%s: converting %s image to RGB", path, mode)
+            im = im.convert("RGB")
+        array = np.asarray(im).copy()
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"cannot segment {path}: the image is empty ({array.shape[1]}x{array.shape[0]})")
     return array
@@ -342,22 +360,16 @@ def read_annotation(path: str | os.PathLike, *, labels_as: str = "auto", unknown
     if labels_as not in ("auto", "index", "color"):
         raise ValueError(f"labels_as must be 'auto', 'index' or 'color', got {labels_as!r}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label map not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            values = np.asarray(im)
-            palette = None
-            if mode == "P":
-                raw = im.getpalette() or []
-                palette = np.zeros((256, 3), dtype=np.uint8)
-                entries = np.asarray(raw, dtype=np.uint8).reshape(-1, 3)[:256]
-                palette[: len(entries)] = entries
-            rgb = np.asarray(im.convert("RGB")) if mode not in ("L", "I", "I;16", "I;16B", "I;16L") else None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"cannot read label map {path}: {exc}") from exc
+    with opened_image(path, "label map", errors=(UnidentifiedImageError, OSError, ValueError)) as im:
+        mode = im.mode
+        values = np.asarray(im)
+        palette = None
+        if mode == "P":
+            raw = im.getpalette() or []
+            palette = np.zeros((256, 3), dtype=np.uint8)
+            entries = np.asarray(raw, dtype=np.uint8).reshape(-1, 3)[:256]
+            palette[: len(entries)] = entries
+        rgb = np.asarray(im.convert("RGB")) if mode not in ("L", "I", "I;16", "I;16B", "I;16L") else None
     if values.ndim != 2 and mode not in ("RGB", "RGBA"):
         raise ValueError(f"label map {path} has unsupported mode {mode}")
     kind = labels_as

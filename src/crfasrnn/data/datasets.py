@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..image import read_image
+from ..image import opened_image, read_image
 from ..transforms import VOC_CLASSES
 
 __all__ = [
@@ -46,20 +45,13 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not an image, or is a colour image (labels must be palette indices or grey values).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label map not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("P", "L", "I", "I;16"):
-                raise ValueError(
-                    f"label map {path} is a {im.mode} image; expected a palette (P) or greyscale (L) PNG whose "
-                    "pixel values are class indices"
-                )
-            return np.asarray(im).astype(np.int64)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read label map {path}: {exc}") from exc
+    with opened_image(path, "label map") as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(
+                f"label map {path} is a {im.mode} image; expected a palette (P) or greyscale (L) PNG whose "
+                "pixel values are class indices"
+            )
+        return np.asarray(im).astype(np.int64)
 
 
 def default_class_names(num_classes: int) -> list[str]:

@@ -199,12 +199,9 @@ def _mean_field_inference(
     if a_s.ndim == 1:
         # Per-class scales: one pass per iteration slices both messages, sums them into q and writes q's softmax over
         # p (the splats have read p by then) for the next iteration.
-        points = p.view(batch, -1, p.shape[1])
-        scales = (-a_s, -a_b)
         for t in range(num_iterations):
             last = t == num_iterations - 1  # earlier iterations need only the softmax: their scores are not stored
-            filter_sum(points, (spatial, bilateral), scales, base=u.view_as(points), out=q.view_as(points),
-                       softmax_out=None if last else points, keep_sum=last)
+            _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, softmax_out=None if last else p)
         return q
     s, bf = torch.empty_like(u), torch.empty_like(u)
     for t in range(num_iterations):
@@ -254,15 +251,20 @@ class _MeanFieldStep(torch.autograd.Function):
         return grad_q, grad, grad_a[0], grad_a[1], None, None, None, None
 
 
-def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, s=None, bf=None):
+def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, s=None, bf=None, softmax_out=None):
     """One mean-field step after the softmax, without autograd: ``q = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b``.
 
     ``A`` are (C, C) matrices or (C,) per-class scales. ``s`` and ``bf``, when given, are buffers for the two filtered
-    messages (reused across iterations by inference); ``q`` receives the result and is returned.
+    messages (reused across iterations by inference); ``q`` receives the result and is returned. With per-class
+    scales, ``softmax_out`` (which may be ``p``) may be given instead: it receives ``softmax(q)`` and ``q`` itself is
+    not stored (see :func:`~crfasrnn.lattice.filter_sum`).
     """
     points = p.view(batch, -1, p.shape[1])
     if a_s.ndim == 1:  # per-class scales: both messages sliced and summed in one pass where the back end can
-        return filter_sum(points, (spatial, bilateral), (-a_s, -a_b), base=u.view_as(points), out=q.view_as(points)).view_as(p)
+        soft = None if softmax_out is None else softmax_out.view_as(points)
+        filter_sum(points, (spatial, bilateral), (-a_s, -a_b), base=u.view_as(points), out=q.view_as(points),
+                   softmax_out=soft, keep_sum=soft is None)
+        return q
     s = spatial.filter_points(points, normalize=True, out=None if s is None else s.view_as(points)).view_as(p)
     bf = bilateral.filter_points(points, normalize=True, out=None if bf is None else bf.view_as(points)).view_as(p)
     torch.addmm(u, s, a_s, alpha=-1, out=q).addmm_(bf, a_b, alpha=-1)

@@ -59,6 +59,21 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _check_buffer(name: str, buffer: torch.Tensor, like: torch.Tensor) -> None:
+    """An output buffer must be a contiguous tensor of ``like``'s shape, dtype and device."""
+    if (
+        buffer.shape != like.shape
+        or buffer.dtype != like.dtype
+        or buffer.device != like.device
+        or not buffer.is_contiguous()
+    ):
+        raise ValueError(
+            f"{name} must match values {tuple(like.shape)} {like.dtype} on {like.device} and be contiguous, got "
+            f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}"
+            + ("" if buffer.is_contiguous() else " (not contiguous)")
+        )
+
+
 def empty_cache() -> int:
     """Release the idle scratch buffers the numba back end keeps between filterings (at most 128 MB).
 
@@ -197,12 +212,9 @@ class PermutohedralLattice:
         post = self.normalizer if normalize else None
         if out is None:
             return _LatticeFilter.apply(values, self, reverse, None, post)
-        if out.shape != values.shape or out.dtype != values.dtype or out.device != values.device:
-            raise ValueError(f"out must match values {tuple(values.shape)} {values.dtype}, got {tuple(out.shape)} {out.dtype}")
+        _check_buffer("out", out, values)
         if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
             raise RuntimeError("filter_points(out=...) does not support autograd; call it without out= to differentiate")
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous")
         self._apply(values, reverse, None, post, out=out)
         return out
 
@@ -315,14 +327,10 @@ def filter_sum(
         raise ValueError(f"base {tuple(base.shape)} must have the shape of values {tuple(values.shape)}")
     if out is None:
         out = torch.empty_like(values)
-    elif out.shape != values.shape or out.dtype != values.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous tensor like values {tuple(values.shape)} {values.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    if softmax_out is not None and (
-        softmax_out.shape != values.shape or softmax_out.dtype != values.dtype or not softmax_out.is_contiguous()
-    ):
-        raise ValueError(f"softmax_out must be a contiguous tensor like values {tuple(values.shape)} {values.dtype}, "
-                         f"got {tuple(softmax_out.shape)} {softmax_out.dtype}")
+    else:
+        _check_buffer("out", out, values)
+    if softmax_out is not None:
+        _check_buffer("softmax_out", softmax_out, values)
     if not keep_sum and softmax_out is None:
         raise ValueError("keep_sum=False needs softmax_out: otherwise nothing would be computed")
     with torch.no_grad():
@@ -353,15 +361,14 @@ def filter_sum(
                 out.view(b * n, c) if store_sum else None,
                 softmax_out.view(b * n, c) if fused_softmax else None,
             )
-            if softmax_out is not None and not fused_softmax:
-                torch.softmax(out, dim=-1, out=softmax_out)
-            return out if keep_sum else softmax_out
-        terms = [lattice.filter_points(values, normalize=normalize) for lattice in lattices]
-        if out is not base:
-            out.copy_(base)
-        for term, scale in zip(terms, scales):
-            out.addcmul_(term, scale.to(values.dtype))
-        if softmax_out is not None:
+        else:
+            fused_softmax = False
+            terms = [lattice.filter_points(values, normalize=normalize) for lattice in lattices]
+            if out is not base:
+                out.copy_(base)
+            for term, scale in zip(terms, scales):
+                out.addcmul_(term, scale.to(values.dtype))
+        if softmax_out is not None and not fused_softmax:
             torch.softmax(out, dim=-1, out=softmax_out)
         return out if keep_sum else softmax_out
 

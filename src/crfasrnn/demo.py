@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .image import (
     bundled_annotation_path,
     bundled_photo_path,

@@ -160,6 +160,38 @@ def test_gradcheck_float64(device_backend):
     assert torch.autograd.gradcheck(fn, params)
 
 
+@pytest.mark.parametrize("potts", [False, True], ids=["dense", "potts"])
+def test_gradients_when_only_some_inputs_need_them(device_backend, potts):
+    """Whichever of the unary and the matrices ask for gradients get the same ones as when all do; with Potts
+    matrices and only the unary asking, inference runs on per-class scales, and its gradient is the same too."""
+    device, backend = device_backend
+    unary, image = _random_inputs(2, 4, 9, 11, torch.float32, device, seed=4)
+    crf = CrfRnn(4, 3, theta_alpha=5.0, theta_beta=40.0, theta_gamma=2.0, backend=backend).to(device)
+    if not potts:
+        with torch.no_grad():
+            for k, p in enumerate(crf.parameters()):
+                p.add_(0.2 * torch.randn(4, 4, generator=torch.Generator().manual_seed(k)).to(device))
+    weights = torch.randn(unary.shape, generator=torch.Generator().manual_seed(9)).to(device)
+
+    def grads(unary_needs: bool, matrices_need: bool):
+        u = unary.clone().requires_grad_(unary_needs)
+        crf.zero_grad(set_to_none=True)
+        for p in crf.parameters():
+            p.requires_grad_(matrices_need)
+        (crf(u, image) * weights).sum().backward()
+        return u.grad, [p.grad for p in crf.parameters()]
+
+    all_u, all_m = grads(True, True)
+    only_u, none_m = grads(True, False)
+    none_u, only_m = grads(False, True)
+    assert none_u is None and all(g is None for g in none_m)
+    torch.testing.assert_close(only_u, all_u, atol=1e-6, rtol=1e-5)
+    for a, b in zip(only_m, all_m):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for p in crf.parameters():
+        p.requires_grad_(True)
+
+
 def test_no_gradient_to_image_or_thetas():
     unary, image = _random_inputs(1, 3, 6, 7)
     image.requires_grad_(True)

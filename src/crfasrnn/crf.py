@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .lattice import PermutohedralLattice, all_finite, filter_sum
+from .lattice import PermutohedralLattice, all_finite, filter_each, filter_sum, values_buffer
 
 __all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features"]
 
@@ -170,12 +170,7 @@ def crf_rnn(
     if not (needs_matrix_grads or (grad_mode and unary.requires_grad)):
         q = _mean_field_inference(u, spatial, bilateral, a_s.detach(), a_b.detach(), num_iterations, b)
     else:
-        # Every iteration's probabilities (what backward needs) in one block allocated up front: one large mapping
-        # that goes back to the system when freed, instead of a heap fragmented by ten tensor-sized blocks.
-        probs = torch.empty((num_iterations, *u.shape), dtype=dtype, device=u.device)
-        q = u
-        for t in range(num_iterations):
-            q = _MeanFieldStep.apply(q, u, a_s, a_b, spatial, bilateral, b, probs[t])
+        q = _MeanField.apply(u, a_s, a_b, spatial, bilateral, b, num_iterations)
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -188,95 +183,121 @@ def _mean_field_inference(
     num_iterations: int,
     batch: int,
 ) -> torch.Tensor:
-    """The iterations without autograd, in buffers reused by every iteration.
+    """The iterations without autograd, in two buffers reused by every iteration.
 
-    Same arithmetic as the differentiable loop. Reusing the buffers matters on CPU: fresh tensors of tens of megabytes
+    Same arithmetic as the differentiable loop. One pass per iteration slices both messages, mixes them into the
+    scores and writes the scores' softmax over ``p`` (the splats have read ``p`` by then) for the next iteration;
+    only the last iteration stores the scores. Reusing the buffers matters on CPU: fresh tensors of tens of megabytes
     come from the operating system page by page, and at 1000×750 that costs more than the filtering.
     """
     q = torch.empty_like(u)
-    p = torch.empty_like(u)
+    p = values_buffer(1, u.shape[0], u.shape[1], like=u)[0]  # rows padded where the filter reads them faster
     _softmax_into(u, p)
-    if a_s.ndim == 1:
-        # Per-class scales: one pass per iteration slices both messages, sums them into q and writes q's softmax over
-        # p (the splats have read p by then) for the next iteration.
-        for t in range(num_iterations):
-            last = t == num_iterations - 1  # earlier iterations need only the softmax: their scores are not stored
-            _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, softmax_out=None if last else p)
-        return q
-    s, bf = torch.empty_like(u), torch.empty_like(u)
     for t in range(num_iterations):
-        if t:
-            _softmax_into(q, p)
-        _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, s=s, bf=bf)
+        last = t == num_iterations - 1
+        _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, softmax_out=None if last else p)
     return q
 
 
-class _MeanFieldStep(torch.autograd.Function):
-    """One iteration: ``p = softmax(q)``, ``q' = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b``, saving only ``p``.
+class _MeanField(torch.autograd.Function):
+    """All the iterations as one autograd node: ``p_t = softmax(q_{t-1})``, ``q_t = u − (n_s ⊙ K_s p_t) A_s −
+    (n_b ⊙ K_b p_t) A_b`` from ``q_0 = u``, for (B·N, C) scores, saving only the probabilities.
 
-    For (B·N, C) scores; ``p`` is written into ``p_out`` (a slot of a block allocated for all iterations). Backward
-    needs no filtered message: with ``r = −Kᵀ (n ⊙ G)`` (one transposed filtering per kernel),
-    ``∂L/∂p = r_s A_sᵀ + r_b A_bᵀ``, ``∂L/∂A = pᵀ r`` (channel mixing commutes with the per-channel filter),
-    ``∂L/∂u = G`` and, through the softmax, ``∂L/∂q = p ⊙ (∂L/∂p − Σ_c p ⊙ ∂L/∂p)``.
-    ``A`` may be a (C, C) matrix or a (C,) vector of per-class scales.
+    One node rather than one per iteration: forward and backward each reuse a few buffers across the iterations, and
+    the unary's gradient (one term per iteration) is summed in place. Backward needs no filtered message: with
+    ``r = Kᵀ (n ⊙ G)`` (one transposed filtering per kernel), ``∂L/∂p = −(r_s A_sᵀ + r_b A_bᵀ)`` and
+    ``∂L/∂A = −pᵀ r`` (channel mixing commutes with the per-channel filter), ``∂L/∂u = Σ_t G_t`` and, through the
+    softmax, ``G_{t-1} = p ⊙ (∂L/∂p − Σ_c p ⊙ ∂L/∂p)``. ``A`` may be (C, C) matrices or (C,) per-class scales.
     """
 
     @staticmethod
-    def forward(ctx, q, u, a_s, a_b, spatial, bilateral, batch, p_out):
-        _softmax_into(q.detach(), p_out)
-        ctx.save_for_backward(a_s, a_b)
-        # Kept as an attribute, not a saved tensor: writing the next iteration's slot bumps the version counter shared
-        # by all slots of the block, which saved-tensor checks would take for a modification of this one.
-        ctx.p = p_out
+    def forward(ctx, u, a_s, a_b, spatial, bilateral, batch, num_iterations):
+        # Every iteration's probabilities (what backward needs) in one block allocated up front: one large mapping
+        # that goes back to the system when freed, instead of a heap fragmented by tensor-sized blocks.
+        probs = torch.empty((num_iterations, *u.shape), dtype=u.dtype, device=u.device)
+        q = torch.empty_like(u)
+        _softmax_into(u, probs[0])
+        for t in range(num_iterations):  # each pass also writes the next iteration's probabilities
+            last = t == num_iterations - 1
+            _filter_and_update(probs[t], u, a_s, a_b, spatial, bilateral, batch, q=q,
+                               softmax_out=None if last else probs[t + 1])
+        ctx.save_for_backward(a_s, a_b, probs)
         ctx.lattices, ctx.batch = (spatial, bilateral), batch
-        return _filter_and_update(p_out, u, a_s, a_b, spatial, bilateral, batch, q=torch.empty_like(u))
+        return q
 
     @staticmethod
     @once_differentiable  # second derivatives would need p's dependence on q, which is not recorded
     def backward(ctx, grad):
-        a_s, a_b = ctx.saved_tensors
-        p = ctx.p
-        g = grad.view(ctx.batch, -1, grad.shape[1])
-        grad_p = torch.zeros_like(p)
-        grad_a = []
-        for lattice, a in zip(ctx.lattices, (a_s, a_b)):
-            r = lattice.filter_points(g * lattice.normalizer, reverse=True).view_as(grad).neg_()
-            if a.ndim == 2:
-                grad_p.addmm_(r, a.t())
-                grad_a.append(p.t() @ r)
+        a_s, a_b, probs = ctx.saved_tensors
+        need_u, need_s, need_b = ctx.needs_input_grad[:3]
+        g = grad.contiguous()
+        c = g.shape[1]
+        grad_u = g.clone() if need_u else None
+        shape = (ctx.batch, -1, c)
+        r = g.new_empty((g.shape[0], 2 * c))  # [r_s | r_b], side by side so that each product below is one pass
+        halves = (r[:, :c].view(shape), r[:, c:].view(shape))
+        grad_p = torch.empty_like(g)
+        matrices = a_s.ndim == 2
+        if matrices:
+            a_t = torch.cat([a_s.t(), a_b.t()])  # (2C, C): ∂L/∂p = −[r_s | r_b] a_t
+            grad_a = a_s.new_zeros((c, 2 * c)) if need_s or need_b else None  # [pᵀ r_s | pᵀ r_b], negated at the end
+        else:
+            grad_a = [torch.zeros_like(a) if need else None for a, need in ((a_s, need_s), (a_b, need_b))]
+        for t in range(probs.shape[0] - 1, -1, -1):
+            p = probs[t]
+            # r = Kᵀ (n ⊙ G) for both kernels (the messages' gradients are −r), G laid out for the filters once
+            filter_each(g.view(shape), ctx.lattices, normalize=True, transpose=True, out=halves)
+            if matrices:
+                torch.mm(r, a_t, out=grad_p)
+                if grad_a is not None:
+                    grad_a.addmm_(p.t(), r)
             else:
-                grad_p.addcmul_(r, a)
-                grad_a.append((p * r).sum(dim=0))
-        grad_q = grad_p.sub_((grad_p * p).sum(dim=1, keepdim=True)).mul_(p)  # softmax backward, in place
-        return grad_q, grad, grad_a[0], grad_a[1], None, None, None, None
+                torch.mul(r[:, :c], a_s, out=grad_p).addcmul_(r[:, c:], a_b)
+                for k, ga in enumerate(grad_a):
+                    if ga is not None:
+                        ga.add_((p * r[:, k * c : (k + 1) * c]).sum(dim=0))
+            g = _softmax_backward(grad_p.neg_(), p)  # the gradient of q_{t-1} (of u itself for t = 0)
+            if grad_u is not None:
+                grad_u.add_(g)
+        if matrices:
+            grad_a = [None, None] if grad_a is None else [grad_a[:, :c].neg(), grad_a[:, c:].neg()]
+            grad_a = [ga if need else None for ga, need in zip(grad_a, (need_s, need_b))]
+            return grad_u, grad_a[0], grad_a[1], None, None, None, None
+        grad_a = [None if ga is None else ga.neg_() for ga in grad_a]
+        return grad_u, grad_a[0], grad_a[1], None, None, None, None
 
 
-def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, s=None, bf=None, softmax_out=None):
+def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, softmax_out=None):
     """One mean-field step after the softmax, without autograd: ``q = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b``.
 
-    ``A`` are (C, C) matrices or (C,) per-class scales. ``s`` and ``bf``, when given, are buffers for the two filtered
-    messages (reused across iterations by inference); ``q`` receives the result and is returned. With per-class
-    scales, ``softmax_out`` (which may be ``p``) may be given instead: it receives ``softmax(q)`` and ``q`` itself is
-    not stored (see :func:`~crfasrnn.lattice.filter_sum`).
+    ``A`` are (C, C) matrices or (C,) per-class scales; both messages are sliced and mixed in one pass where the back
+    end can (see :func:`~crfasrnn.lattice.filter_sum`). ``q`` receives the result and is returned; where
+    ``softmax_out`` (which may be ``p``) is given, it receives ``softmax(q)`` instead and ``q`` is not stored.
     """
     points = p.view(batch, -1, p.shape[1])
-    if a_s.ndim == 1:  # per-class scales: both messages sliced and summed in one pass where the back end can
-        soft = None if softmax_out is None else softmax_out.view_as(points)
-        filter_sum(points, (spatial, bilateral), (-a_s, -a_b), base=u.view_as(points), out=q.view_as(points),
-                   softmax_out=soft, keep_sum=soft is None)
-        return q
-    s = spatial.filter_points(points, normalize=True, out=None if s is None else s.view_as(points)).view_as(p)
-    bf = bilateral.filter_points(points, normalize=True, out=None if bf is None else bf.view_as(points)).view_as(p)
-    torch.addmm(u, s, a_s, alpha=-1, out=q).addmm_(bf, a_b, alpha=-1)
+    soft = None if softmax_out is None else softmax_out.view(points.shape)
+    filter_sum(points, (spatial, bilateral), (-a_s, -a_b), base=u.view(points.shape), out=q.view(points.shape),
+               softmax_out=soft, keep_sum=soft is None)
     return q
 
 
 def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = softmax(logits, dim=1)`` without allocating."""
+    """``out = softmax(logits, dim=1)`` without allocating (``out`` may have padded rows)."""
+    if not out.is_contiguous():  # the out= overload below would write it as if it were contiguous
+        torch.softmax(logits, dim=1, out=out)
+        return
     try:
         torch.ops.aten._softmax.out(logits, 1, False, out=out)
     except (AttributeError, RuntimeError):  # pragma: no cover - an ATen without the out= overload
         out.copy_(F.softmax(logits, dim=1))
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``probs ⊙ (grad − Σ_c probs ⊙ grad)``, the gradient through ``probs = softmax(q, dim=1)``, in one pass."""
+    try:
+        return torch.ops.aten._softmax_backward_data(grad, probs.contiguous(), 1, probs.dtype)
+    except (AttributeError, RuntimeError):  # pragma: no cover - an ATen without the op
+        return grad.sub_((grad * probs).sum(dim=1, keepdim=True)).mul_(probs)
 
 
 def _is_diagonal(matrix: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 from helpers import pixel_grid
 
 from crfasrnn import PermutohedralLattice, permutohedral_filter
-from crfasrnn.lattice import filter_sum, numba_available
+from crfasrnn.lattice import filter_each, filter_sum, numba_available, values_buffer
 
 
 def _features_nchw(points_hwd: np.ndarray, device) -> torch.Tensor:
@@ -409,3 +409,131 @@ def test_empty_cache_releases_the_idle_grids():
     assert empty_cache() > 0  # the filtering's grids went back to the pool
     assert empty_cache() == 0
     assert torch.equal(lattice.filter_points(values), expected)  # and filtering works after a release
+
+
+# --- channel padding, filtering through several lattices, transposes, mixing matrices ---------------------------------
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("channels", [1, 3, 4, 5, 8, 9, 21])
+def test_numba_padding_of_any_channel_count_matches_torch(channels):
+    """The numba kernels work on rows padded to a multiple of 8 channels; every count gives the torch results."""
+    g = torch.Generator().manual_seed(channels)
+    lattices = {}
+    for backend in ("numba", "torch"):
+        lattices[backend] = (PermutohedralLattice(_random_features(2, 2, 9, 11, torch.float32, "cpu", seed=1),
+                                                  backend=backend),
+                             PermutohedralLattice(_random_features(2, 5, 9, 11, torch.float32, "cpu", seed=2),
+                                                  backend=backend))
+    values = torch.rand(2, 99, channels, generator=g)
+    base = torch.randn(2, 99, channels, generator=g)
+    scales = [torch.randn(channels, generator=g) for _ in range(2)]
+    results = {}
+    for backend, pair in lattices.items():
+        soft = torch.empty_like(values)
+        results[backend] = (
+            pair[1].filter_points(values, reverse=False),
+            pair[1].filter_points(values, reverse=True, normalize=True),
+            filter_sum(values, pair, scales, base=base, softmax_out=soft),
+            soft,
+        )
+    for ours, theirs in zip(results["numba"], results["torch"]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_values_buffer_layout_and_use_in_place(device_backend):
+    """values_buffer gives zeros whose rows the numba filters read without a copy; filter_sum may write its softmax
+    into such a buffer (over the values it filters) and leaves the padding alone."""
+    device, backend = device_backend
+    like = torch.empty(0, device=device)
+    buffer = values_buffer(2, 42, 5, like=like)
+    assert buffer.shape == (2, 42, 5) and buffer.device == like.device and not buffer.any()
+    padded = numba_available() and buffer.device.type == "cpu"  # the layout is the CPU's, whichever back end filters
+    assert buffer.stride() == ((42 * 8, 8, 1) if padded else (42 * 5, 5, 1))
+    first = PermutohedralLattice(_random_features(2, 2, 6, 7, torch.float32, device, seed=7), backend=backend)
+    second = PermutohedralLattice(_random_features(2, 5, 6, 7, torch.float32, device, seed=8), backend=backend)
+    g = torch.Generator().manual_seed(9)
+    values = torch.rand(2, 42, 5, generator=g).to(device)
+    base = torch.randn(2, 42, 5, generator=g).to(device)
+    scales = [torch.full((5,), -3.0, device=device), torch.full((5,), -5.0, device=device)]
+    expected = torch.softmax(filter_sum(values, [first, second], scales, base=base), dim=-1)
+    buffer.copy_(values)
+    filter_sum(buffer, [first, second], scales, base=base, softmax_out=buffer, keep_sum=False)
+    torch.testing.assert_close(buffer, expected, atol=2e-7, rtol=1e-5)
+    if padded:
+        whole = buffer.as_strided((2, 42, 8), (42 * 8, 8, 1))
+        assert not whole[..., 5:].any()  # the padding is still zero
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["filter", "transpose"])
+@pytest.mark.parametrize("shared", [False, True], ids=["own-lattices", "shared-lattice"])
+def test_filter_each_equals_separate_filterings(device_backend, dtype, transpose, shared):
+    device, backend = device_backend
+    batch, channels = 2, 5
+    first = PermutohedralLattice(_random_features(1 if shared else batch, 2, 6, 7, dtype, device, seed=10),
+                                 backend=backend)
+    second = PermutohedralLattice(_random_features(batch, 5, 6, 7, dtype, device, seed=11), backend=backend)
+    values = torch.rand(batch, 42, channels, generator=torch.Generator().manual_seed(12), dtype=dtype).to(device)
+    method = "transpose_points" if transpose else "filter_points"
+    expected = [getattr(lattice, method)(values, normalize=True) for lattice in (first, second)]
+    for got, want in zip(filter_each(values, [first, second], normalize=True, transpose=transpose), expected):
+        torch.testing.assert_close(got, want)
+    # into the two halves of one (B, N, 2C) tensor
+    both = torch.full((batch, 42, 2 * channels), float("nan"), dtype=dtype, device=device)
+    halves = [both[..., :channels], both[..., channels:]]
+    assert filter_each(values, [first, second], normalize=True, transpose=transpose, out=halves)[1] is halves[1]
+    for got, want in zip(halves, expected):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="one out per lattice"):
+        filter_each(values, [first, second], out=[halves[0]])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_transpose_points_is_the_adjoint(device_backend, normalize):
+    """<K_n v, g> = <v, K_nᵀ g> to float64 rounding, and it is what autograd's backward of filter_points gives."""
+    device, backend = device_backend
+    lattice = PermutohedralLattice(_random_features(2, 3, 5, 6, torch.float64, device, seed=13), backend=backend)
+    g = torch.Generator().manual_seed(14)
+    v = torch.rand(2, 30, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    w = torch.rand(2, 30, 3, generator=g, dtype=torch.float64).to(device)
+    lhs = (lattice.filter_points(v, normalize=normalize) * w).sum()
+    transposed = lattice.transpose_points(w, normalize=normalize)
+    torch.testing.assert_close(lhs.detach(), (v.detach() * transposed).sum(), atol=1e-12, rtol=1e-12)
+    lhs.backward()
+    torch.testing.assert_close(v.grad, transposed)
+    out = torch.empty_like(w)
+    assert lattice.transpose_points(w, normalize=normalize, out=out) is out
+    torch.testing.assert_close(out, transposed)
+
+
+def test_filter_sum_with_mixing_matrices(device_backend, dtype):
+    """(C, C) scales mix the channels: base + Σ_k (n_k ⊙ K_k v) @ M_k, beside per-channel factors."""
+    device, backend = device_backend
+    first = PermutohedralLattice(_random_features(1, 2, 6, 7, dtype, device, seed=15), backend=backend)
+    second = PermutohedralLattice(_random_features(2, 5, 6, 7, dtype, device, seed=16), backend=backend)
+    g = torch.Generator().manual_seed(17)
+    values = torch.rand(2, 42, 4, generator=g, dtype=dtype).to(device)
+    base = torch.randn(2, 42, 4, generator=g, dtype=dtype).to(device)
+    mixing = torch.randn(4, 4, generator=g, dtype=dtype).to(device)
+    factors = torch.randn(4, generator=g, dtype=dtype).to(device)
+    expected = (base + first.filter_points(values, normalize=True) @ mixing
+                + second.filter_points(values, normalize=True) * factors)
+    soft = torch.empty_like(values)
+    total = filter_sum(values, [first, second], [mixing, factors], base=base, softmax_out=soft)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(soft, torch.softmax(expected, dim=-1))
+    with pytest.raises(ValueError, match=r"shape \(4,\) or \(4, 4\)"):
+        filter_sum(values, [first], [torch.ones(4, 3, dtype=dtype, device=device)])
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_splat_work_is_split_evenly():
+    """The splat's work items partition the vertices and carry about equal numbers of entries each."""
+    lattice = PermutohedralLattice(_random_features(1, 5, 60, 80, torch.float32, "cpu", seed=18), backend="numba")
+    structure = lattice._structure
+    chunks, start = structure.splat_chunks, structure.splat_start
+    assert chunks[0] == 0 and chunks[-1] == structure.num_vertices and np.all(np.diff(chunks) > 0)
+    entries = np.diff(start[chunks])
+    assert entries.sum() == start[-1]
+    busiest_vertex = np.diff(start).max()
+    assert entries.max() <= start[-1] / (len(chunks) - 1) + busiest_vertex  # no item above its share plus one vertex

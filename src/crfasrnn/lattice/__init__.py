@@ -38,6 +38,8 @@ __all__ = [
     "PermutohedralLattice",
     "permutohedral_filter",
     "filter_sum",
+    "filter_each",
+    "values_buffer",
     "empty_cache",
     "numba_available",
     "all_finite",
@@ -59,19 +61,52 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _check_buffer(name: str, buffer: torch.Tensor, like: torch.Tensor) -> None:
-    """An output buffer must be a contiguous tensor of ``like``'s shape, dtype and device."""
-    if (
-        buffer.shape != like.shape
-        or buffer.dtype != like.dtype
-        or buffer.device != like.device
-        or not buffer.is_contiguous()
-    ):
+def _check_buffer(name: str, buffer: torch.Tensor, like: torch.Tensor, *, padded_rows: bool = False) -> None:
+    """An output buffer must be a contiguous tensor of ``like``'s shape, dtype and device.
+
+    With ``padded_rows``, a (B, N, C) buffer may also be a column slice of a wider contiguous tensor (its rows
+    contiguous and equally spaced), as :func:`values_buffer` makes.
+    """
+    layout_ok = buffer.is_contiguous() or (padded_rows and _has_padded_rows(buffer))
+    if buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device or not layout_ok:
+        kind = "have contiguous (or padded) rows" if padded_rows else "be contiguous"
         raise ValueError(
-            f"{name} must match values {tuple(like.shape)} {like.dtype} on {like.device} and be contiguous, got "
-            f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}"
-            + ("" if buffer.is_contiguous() else " (not contiguous)")
+            f"{name} must match values {tuple(like.shape)} {like.dtype} on {like.device} and {kind}, got "
+            f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}" + ("" if layout_ok else " (not contiguous)")
         )
+
+
+def _has_padded_rows(tensor: torch.Tensor) -> bool:
+    """Whether a (..., C) tensor is a stack of contiguous, equally spaced, non-overlapping rows."""
+    if tensor.numel() == 0 or tensor.stride(-1) != 1:
+        return False
+    try:
+        rows = tensor.view(-1, tensor.shape[-1])
+    except RuntimeError:
+        return False
+    return rows.shape[0] == 1 or rows.stride(0) >= rows.shape[1]
+
+
+def values_buffer(batch: int, num_points: int, channels: int, *, like: torch.Tensor) -> torch.Tensor:
+    """A zero (B, N, C) tensor laid out as the filters read fastest, for values filtered again and again.
+
+    On the numba back end the channel loops work in blocks of 8, so values whose rows are padded to a multiple of 8
+    channels are read without a copy: the tensor returned is then a column slice of a wider zero tensor (its padding
+    must stay finite; :func:`filter_sum` writes only the first C channels). Elsewhere it is a plain contiguous tensor.
+
+    Args:
+        batch, num_points, channels: the shape (B, H·W, C) in point layout.
+        like: a tensor whose dtype and device the buffer takes.
+
+    Example:
+        >>> p = values_buffer(1, 6, 21, like=torch.empty(0))
+        >>> p.shape, p.stride()
+        (torch.Size([1, 6, 21]), (144, 24, 1))
+    """
+    width = channels
+    if _numba is not None and like.device.type == "cpu":
+        width = _numba.padded_width(channels)
+    return torch.zeros(batch, num_points, width, dtype=like.dtype, device=like.device)[..., :channels]
 
 
 def empty_cache() -> int:
@@ -218,6 +253,45 @@ class PermutohedralLattice:
         self._apply(values, reverse, None, post, out=out)
         return out
 
+    def transpose_points(
+        self,
+        values: torch.Tensor,
+        normalize: bool = False,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The transpose of :meth:`filter_points`: ``Kᵀ values``, or ``Kᵀ (n ⊙ values)`` where ``normalize``.
+
+        What the backward of a filtering needs: for ``y = n ⊙ K v``, ``∂L/∂v = Kᵀ (n ⊙ ∂L/∂y)``. The normaliser
+        scales the values as they are splatted, which spares a product over the whole tensor.
+
+        Args:
+            values: (B, H·W, C) values in point layout (rows may be padded, see :func:`values_buffer`).
+            normalize: scale the values by :attr:`normalizer` before the transposed filter.
+            out: optional contiguous tensor shaped like ``values`` to write into (not differentiable).
+
+        Returns:
+            (B, H·W, C) result (``out`` when given), differentiable with respect to ``values`` when ``out`` is None.
+
+        Example:
+            >>> feats = torch.rand(1, 3, 4, 5) * 4
+            >>> lattice = PermutohedralLattice(feats)
+            >>> v, g = torch.rand(1, 20, 2), torch.rand(1, 20, 2)
+            >>> lhs = (lattice.filter_points(v, normalize=True) * g).sum()
+            >>> rhs = (v * lattice.transpose_points(g, normalize=True)).sum()
+            >>> bool(torch.isclose(lhs, rhs, rtol=1e-5))
+            True
+        """
+        self._check_points(values)
+        pre = self.normalizer if normalize else None
+        if out is None:
+            return _LatticeFilter.apply(values, self, True, pre, None)
+        _check_buffer("out", out, values)
+        if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
+            raise RuntimeError("transpose_points(out=...) does not support autograd; call it without out=")
+        self._apply(values, True, pre, None, out=out)
+        return out
+
     def _check_points(self, values: torch.Tensor) -> None:
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
@@ -266,9 +340,72 @@ class PermutohedralLattice:
         pre = None if pre is None else pre.reshape(-1)
         post = None if post is None else post.reshape(-1)
         if self.backend == "numba":
-            return _numba.filter_points(self._structure, points.contiguous(), reverse, pre, post, out)
+            return _numba.filter_points(self._structure, points, reverse, pre, post, out)
         result = _torch.filter_points(self._structure, points, reverse, pre, post)
         return result if out is None else out.copy_(result)
+
+
+def filter_each(
+    values: torch.Tensor,
+    lattices: Sequence[PermutohedralLattice],
+    *,
+    normalize: bool = False,
+    transpose: bool = False,
+    out: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """The same values filtered through each of several lattices (or through their transposes).
+
+    Equivalent to ``[lattice.filter_points(values, normalize=normalize) for lattice in lattices]`` (with
+    ``transpose``: :meth:`PermutohedralLattice.transpose_points`), but not differentiable, and on the numba back end
+    the values are laid out for the filters once rather than once per lattice. What a CRF's message passing (and its
+    backward) does with the same probabilities (gradients) and its two kernels.
+
+    Args:
+        values: (B, H·W, C) values in point layout (rows may be padded, see :func:`values_buffer`).
+        lattices: lattices built over the same image size (each for batch B, or 1 to be shared by the batch).
+        normalize: multiply by each lattice's normaliser (after the filter; before the transposed filter).
+        transpose: apply the transposed filters.
+        out: optional (B, H·W, C) tensors to write into, one per lattice (or None); their rows may be padded, so that
+            they can be column slices of one tensor, e.g. the halves of a (B, H·W, 2C) tensor.
+
+    Returns:
+        One (B, H·W, C) tensor per lattice (the ``out`` tensors when given).
+
+    Example:
+        >>> yy, xx = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="ij")
+        >>> a = PermutohedralLattice(torch.stack([xx, yy])[None] / 3.0)
+        >>> b = PermutohedralLattice(torch.stack([xx, yy, xx * yy])[None] / 5.0)
+        >>> v = torch.rand(1, 48, 2)
+        >>> fa, fb = filter_each(v, [a, b], normalize=True)
+        >>> torch.allclose(fb, b.filter_points(v, normalize=True))
+        True
+    """
+    outs = list(out) if out is not None else [None] * len(lattices)
+    if len(outs) != len(lattices) or not lattices:
+        raise ValueError(f"filter_each needs at least one lattice and one out per lattice, got {len(lattices)} "
+                         f"lattices and {len(outs)} out tensors")
+    for lattice, buffer in zip(lattices, outs):
+        lattice._check_points(values)
+        if buffer is not None:
+            _check_buffer("out", buffer, values, padded_rows=True)
+    b, n, c = values.shape
+    with torch.no_grad():
+        if all(lattice.backend == "numba" and lattice.batch_size == b for lattice in lattices):
+            scales = [lattice.normalizer.reshape(-1) if normalize else None for lattice in lattices]
+            none = [None] * len(lattices)
+            flat_outs = [None if o is None else o.view(b * n, c) for o in outs]
+            results = _numba.filter_each(
+                tuple(lattice._structure for lattice in lattices),
+                values.reshape(b * n, c),
+                transpose,
+                tuple(scales) if transpose else tuple(none),
+                tuple(none) if transpose else tuple(scales),
+                tuple(flat_outs),
+            )
+            return [r.view(b, n, c) if o is None else o for r, o in zip(results, outs)]
+        method = "transpose_points" if transpose else "filter_points"
+        results = [getattr(lattice, method)(values, normalize=normalize) for lattice in lattices]
+        return [r if o is None else o.copy_(r) for r, o in zip(results, outs)]
 
 
 def filter_sum(
@@ -282,22 +419,25 @@ def filter_sum(
     softmax_out: torch.Tensor | None = None,
     keep_sum: bool = True,
 ) -> torch.Tensor:
-    """A weighted sum of several lattices' filterings of the same values: ``base + Σ_k scales[k] ⊙ K_k values``.
+    """A weighted sum of several lattices' filterings of the same values: ``base + Σ_k (K_k values) ∘ scales[k]``.
 
     What a dense CRF's message passing computes with its kernels (``K_k`` normalised by :attr:`~PermutohedralLattice.
     normalizer` when ``normalize``). Not differentiable: for inference, where it saves memory and time — on the numba
-    back end two lattices are sliced in one pass, without materialising either filtered tensor.
+    back end, with per-channel factors, two lattices are sliced in one pass, without materialising either filtered
+    tensor (channel-mixing matrices are applied with a matrix product after the filters).
 
     Args:
         values: (B, H·W, C) values in point layout (see :meth:`PermutohedralLattice.filter_points`).
         lattices: lattices built over the same image size (each for batch B, or 1 to be shared by the batch).
-        scales: one (C,) per-channel factor per lattice.
+        scales: per lattice, (C,) per-channel factors (``∘`` multiplies channel by channel) or a (C, C) channel-mixing
+            matrix (``∘`` is the product of each point's row of C values with it, as in ``x @ M``).
         base: optional (B, H·W, C) term added to the sum (zeros if None).
         normalize: multiply each filtering by its lattice's normaliser.
         out: optional contiguous (B, H·W, C) tensor to write into; it may be ``base`` itself.
-        softmax_out: optional contiguous (B, H·W, C) tensor that receives the softmax of the result over its channels
-            (a mean-field step's next probabilities); it may be ``values`` itself. On the numba back end in float32
-            it is computed in the same pass, which spares a pass over memory and a hand-over to torch's thread pool.
+        softmax_out: optional (B, H·W, C) tensor that receives the softmax of the result over its channels (a
+            mean-field step's next probabilities); it may be ``values`` itself, and contiguous or made by
+            :func:`values_buffer` (values are fastest made so, when they are filtered again and again). On the numba
+            back end in float32 it is computed in the same pass, which spares a pass over memory and a hand-over to torch's thread pool.
         keep_sum: with ``softmax_out``, ``False`` means that only the softmax is wanted: the sum is not stored (``out``
             is ignored) and ``softmax_out`` is returned.
 
@@ -320,8 +460,8 @@ def filter_sum(
         lattice._check_points(values)
     b, n, c = values.shape
     for scale in scales:
-        if scale.shape != (c,):
-            raise ValueError(f"each scale must have shape ({c},) for values {tuple(values.shape)}, got "
+        if scale.shape not in ((c,), (c, c)):
+            raise ValueError(f"each scale must have shape ({c},) or ({c}, {c}) for values {tuple(values.shape)}, got "
                              f"{tuple(scale.shape)}")
     if base is not None and base.shape != values.shape:
         raise ValueError(f"base {tuple(base.shape)} must have the shape of values {tuple(values.shape)}")
@@ -330,7 +470,7 @@ def filter_sum(
     else:
         _check_buffer("out", out, values)
     if softmax_out is not None:
-        _check_buffer("softmax_out", softmax_out, values)
+        _check_buffer("softmax_out", softmax_out, values, padded_rows=True)
     if not keep_sum and softmax_out is None:
         raise ValueError("keep_sum=False needs softmax_out: otherwise nothing would be computed")
     with torch.no_grad():
@@ -339,35 +479,32 @@ def filter_sum(
         fused = (
             len(lattices) == 2
             and all(lattice.backend == "numba" for lattice in lattices)
+            and all(scale.ndim == 1 for scale in scales)
             and base.is_contiguous()
         )
         if fused:
-            if base.data_ptr() == out.data_ptr():
-                base = base.clone()  # the kernel clears each output row before reading its base row
-            inputs, posts = [], []
-            for lattice in lattices:
-                shared = lattice.batch_size == 1 and b > 1
-                inputs.append(values.permute(1, 0, 2).reshape(n, b * c) if shared else values.reshape(b * n, c))
-                inputs[-1] = inputs[-1].contiguous()
-                posts.append(lattice.normalizer if normalize else values.new_ones(lattice.batch_size * n))
+            posts = [lattice.normalizer if normalize else values.new_ones(lattice.batch_size * n) for lattice in lattices]
             fused_softmax = softmax_out is not None and values.dtype == torch.float32
             store_sum = keep_sum or not fused_softmax  # only the softmax wanted and fused: the sum is never stored
             _numba.filter_sum(
                 tuple(lattices[k]._structure for k in range(2)),
-                tuple(inputs),
+                values,
                 tuple(s.to(values.dtype).contiguous() for s in scales),
                 tuple(posts),
                 base.reshape(b * n, c),
                 out.view(b * n, c) if store_sum else None,
-                softmax_out.view(b * n, c) if fused_softmax else None,
+                softmax_out if fused_softmax else None,
             )
         else:
             fused_softmax = False
-            terms = [lattice.filter_points(values, normalize=normalize) for lattice in lattices]
+            terms = filter_each(values, lattices, normalize=normalize)  # on numba, the values laid out once
             if out is not base:
                 out.copy_(base)
             for term, scale in zip(terms, scales):
-                out.addcmul_(term, scale.to(values.dtype))
+                if scale.ndim == 2:
+                    out.view(b * n, c).addmm_(term.reshape(b * n, c), scale.to(values.dtype))
+                else:
+                    out.addcmul_(term, scale.to(values.dtype))
         if softmax_out is not None and not fused_softmax:
             torch.softmax(out, dim=-1, out=softmax_out)
         return out if keep_sum else softmax_out

@@ -8,6 +8,11 @@ The arithmetic of every point follows SPEC §3.1 in the same floating-point orde
 * the hash table keys are 64-bit integer codes of the vertex keys (mixed radix over the key coordinates and the image
   index), so that a probe compares one integer and a blur neighbour is a fixed offset of the code.
 
+* the value grids have a channel count padded to a multiple of 8: the channel loops then vectorise without a scalar
+  remainder, which more than pays for the extra columns (21 channels cost 1.4x what 24 do);
+* splatting is spread over the threads in chunks of equal numbers of entries, not of vertices (the first vertices,
+  inserted where the image begins, carry most of the entries).
+
 Compiled functions are cached on disk (``cache=True``): only the first call in a fresh environment compiles (a few
 seconds per dtype); later processes load the machine code.
 """
@@ -23,10 +28,20 @@ import torch
 
 from ._build import scale_factors
 
-__all__ = ["NumbaLattice", "build_lattice", "filter_points", "filter_sum"]
+__all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width"]
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = np.int64(-1)
+_SPLAT_CHUNKS = 256  # work items of the splat, each with about the same number of entries
+
+
+def padded_width(channels: int) -> int:
+    """The row width the kernels use for ``channels`` value channels: the next multiple of 8 (from 4 channels up).
+
+    The compiled channel loops vectorise in blocks of 8 and finish a remainder one value at a time, so 21 channels take
+    longer than 24; below 4 channels padding costs more than the remainder.
+    """
+    return channels if channels < 4 else -(-channels // 8) * 8
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class NumbaLattice:
         blur_neighbours: (d+1, 2, M+1) int32 neighbours along each axis; M is the empty vertex.
         splat_start: (M+1,) int64 start of each vertex's entries in ``splat_points``/``splat_weights``.
         splat_points, splat_weights: the points splatting onto each vertex and their weights, in point order.
+        splat_chunks: (K+1,) int64 vertex boundaries of K chunks with about equal numbers of splat entries.
         num_vertices: M.
         dim: d.
     """
@@ -49,6 +65,7 @@ class NumbaLattice:
     splat_start: np.ndarray
     splat_points: np.ndarray
     splat_weights: np.ndarray
+    splat_chunks: np.ndarray
     num_vertices: int
     dim: int
 
@@ -341,23 +358,32 @@ def build_lattice(points: torch.Tensor) -> NumbaLattice:
     neighbours = np.empty((d + 1, 2, num_vertices + 1), dtype=np.int32)
     _neighbours(unique, table_codes, table_ids, bits, shifts, neighbours)
     start, splat_points, splat_weights = _splat_lists(offsets, weights, num_vertices)
-    return NumbaLattice(offsets, weights, neighbours, start, splat_points, splat_weights, num_vertices, d)
+    targets = np.linspace(0, start[-1], _SPLAT_CHUNKS + 1)
+    chunks = np.unique(np.searchsorted(start, targets).clip(0, num_vertices).astype(np.int64))
+    chunks[0], chunks[-1] = 0, num_vertices
+    return NumbaLattice(offsets, weights, neighbours, start, splat_points, splat_weights, chunks, num_vertices, d)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _splat(values, start, points, entry_weights, pre_scale, grid):  # pragma: no cover - compiled
-    """grid[v] = sum over v's entries of weight * pre_scale[point] * values[point] (pre_scale empty: 1)."""
+def _splat(values, start, points, entry_weights, pre_scale, chunks, grid):  # pragma: no cover - compiled
+    """grid[v] = sum over v's entries of weight * pre_scale[point] * values[point] (pre_scale empty: 1).
+
+    Vertices are taken in the chunks given by ``chunks`` (vertex boundaries), one chunk per work item.
+    """
     num_vertices = start.shape[0] - 1
     num_channels = values.shape[1]
     scaled = pre_scale.shape[0] > 0
-    for v in numba.prange(num_vertices):
-        for c in range(num_channels):
-            grid[v, c] = 0.0
-        for e in range(start[v], start[v + 1]):
-            p = points[e]
-            w = entry_weights[e] * pre_scale[p] if scaled else entry_weights[e]
+    for ch in numba.prange(chunks.shape[0] - 1):
+        for v in range(chunks[ch], chunks[ch + 1]):
+            g = grid[v]
             for c in range(num_channels):
-                grid[v, c] += w * values[p, c]
+                g[c] = 0.0
+            for e in range(start[v], start[v + 1]):
+                p = points[e]
+                w = entry_weights[e] * pre_scale[p] if scaled else entry_weights[e]
+                row = values[p]
+                for c in range(num_channels):
+                    g[c] += w * row[c]
     for c in range(num_channels):
         grid[num_vertices, c] = 0.0
 
@@ -374,21 +400,33 @@ def _blur(src, dst, n1, n2, half):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _slice(grid, offsets, weights, alpha, post_scale, out):  # pragma: no cover - compiled
-    """out[i] = post_scale[i] * sum_r (weights[i, r] * alpha) * grid[offsets[i, r]] (post_scale empty: 1)."""
+    """out[i] = post_scale[i] * sum_r (weights[i, r] * alpha) * grid[offsets[i, r]] (post_scale empty: 1).
+
+    ``grid`` may be wider than ``out`` (padded channels): the sums run over its whole rows, and ``out`` receives the
+    first ``out.shape[1]`` channels.
+    """
     num_points, num_channels = out.shape
+    width = grid.shape[1]
     scaled = post_scale.shape[0] > 0
-    for i in numba.prange(num_points):
-        for c in range(num_channels):
-            out[i, c] = 0.0
-        for r in range(offsets.shape[1]):
-            v = offsets[i, r]
-            w = weights[i, r] * alpha
-            for c in range(num_channels):
-                out[i, c] += w * grid[v, c]
-        if scaled:
-            n = post_scale[i]
-            for c in range(num_channels):
-                out[i, c] *= n
+    block = 64
+    for blk in numba.prange((num_points + block - 1) // block):
+        acc = np.empty(width, dtype=grid.dtype)
+        for i in range(blk * block, min(num_points, (blk + 1) * block)):
+            for c in range(width):
+                acc[c] = 0.0
+            for r in range(offsets.shape[1]):
+                row = grid[offsets[i, r]]
+                w = weights[i, r] * alpha
+                for c in range(width):
+                    acc[c] += w * row[c]
+            o = out[i]
+            if scaled:
+                n = post_scale[i]
+                for c in range(num_channels):
+                    o[c] = acc[c] * n
+            else:
+                for c in range(num_channels):
+                    o[c] = acc[c]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -416,16 +454,18 @@ def _exp_nonpositive(x):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, soft):  # pragma: no cover - compiled
-    """``out = base + k1 ⊙ post1 ⊙ slice(g1) + k2 ⊙ post2 ⊙ slice(g2)`` for (P, C) ``out``; ``k`` are (C,) scales.
+    """``out = base + k1 ⊙ post1 ⊙ slice(g1) + k2 ⊙ post2 ⊙ slice(g2)`` for (P, C) ``base``; ``k`` are (W,) scales.
 
-    A lattice built over fewer points than P (one image's lattice shared by a batch, its grid holding the images side
-    by side in its channels) is indexed with point ``i % rows`` and channel offset ``(i // rows) * C``. The slice
-    factor 1 / (1 + 2^-d) is folded into ``k`` by the caller. Rows are taken as contiguous views, which lets the
-    channel loops vectorise. Where ``soft`` is (P, C) (not empty), it receives the softmax of each output row,
-    computed 64 rows at a time over flat buffers so that the exponentials vectorise. Where ``out`` is empty (then
-    ``soft`` is not), the sum is only kept for the softmax, which spares writing it to memory.
+    The grids' rows hold W >= C channels per image (padded; ``k`` is zero beyond C), and the sums run over all W so
+    that the channel loops vectorise; only the first C channels are used. A lattice built over fewer points than P (one
+    image's lattice shared by a batch, its grid holding the images side by side in its channels) is indexed with point
+    ``i % rows`` and channel offset ``(i // rows) * W``. The slice factor 1 / (1 + 2^-d) is folded into ``k`` by the
+    caller. Where ``soft`` is (P, W') with W' >= C (not empty), its first C channels receive the softmax of each output
+    row, computed 64 rows at a time over flat buffers so that the exponentials vectorise. ``out`` (P, C) may be empty
+    (then ``soft`` is not): the sum is then only kept for the softmax, which spares writing it to memory.
     """
     num_points, num_channels = base.shape
+    width = k1.shape[0]
     rows1 = off1.shape[0]
     rows2 = off2.shape[0]
     do_softmax = soft.shape[0] > 0
@@ -434,43 +474,48 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
     for blk in numba.prange((num_points + block - 1) // block):
         first = blk * block
         last = min(num_points, first + block)
-        local = np.empty((0 if keep_sum else block, num_channels), dtype=base.dtype)
+        local = np.empty((block, width), dtype=base.dtype)
         r1 = first % rows1  # row and channel offset in each lattice, advanced per point below (no division per row)
-        c1 = (first // rows1) * num_channels
+        c1 = (first // rows1) * width
         r2 = first % rows2
-        c2 = (first // rows2) * num_channels
+        c2 = (first // rows2) * width
         for i in range(first, last):
             if r1 == rows1:
                 r1 = 0
-                c1 += num_channels
+                c1 += width
             if r2 == rows2:
                 r2 = 0
-                c2 += num_channels
-            o = out[i] if keep_sum else local[i - first]
-            o[:] = 0.0
+                c2 += width
+            o = local[i - first]
+            for c in range(width):
+                o[c] = 0.0
             for r in range(off1.shape[1]):
-                row = g1[off1[r1, r], c1 : c1 + num_channels]
+                row = g1[off1[r1, r], c1 : c1 + width]
                 w = w1[r1, r]
-                for c in range(num_channels):
+                for c in range(width):
                     o[c] += w * row[c]
             n1 = post1[r1]
             b = base[i]
             for c in range(num_channels):
                 o[c] = b[c] + (k1[c] * n1) * o[c]
             for r in range(off2.shape[1]):
-                row = g2[off2[r2, r], c2 : c2 + num_channels]
+                row = g2[off2[r2, r], c2 : c2 + width]
                 w = w2[r2, r] * post2[r2]
-                for c in range(num_channels):
+                for c in range(width):
                     o[c] += (w * k2[c]) * row[c]
+            if keep_sum:
+                dest = out[i]
+                for c in range(num_channels):
+                    dest[c] = o[c]
             r1 += 1
             r2 += 1
         if do_softmax:
-            shifted = np.empty(block * num_channels, dtype=out.dtype)
+            shifted = np.empty(block * num_channels, dtype=base.dtype)
             scale_bits = np.empty(block * num_channels, dtype=np.int32)
-            scale = scale_bits.view(out.dtype)
+            scale = scale_bits.view(base.dtype)
             m = 0
             for i in range(first, last):
-                o = out[i] if keep_sum else local[i - first]
+                o = local[i - first]
                 top = o[0]
                 for c in range(1, num_channels):
                     top = max(top, o[c])
@@ -493,12 +538,59 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
                 m += num_channels
 
 
+def _rows_in_place(values: torch.Tensor) -> np.ndarray | None:
+    """(P, C) values as a (P, W) array without copying, W = :func:`padded_width` (C); None where they are not so.
+
+    That is where the values are contiguous with W = C, or their rows lie W apart in memory that holds them whole (a
+    column slice of a wider tensor, such as :func:`crfasrnn.lattice.values_buffer` makes).
+    """
+    rows, channels = values.shape
+    width = padded_width(channels)
+    if values.stride(1) != 1 or (values.stride(0) != width and rows > 1):
+        return None
+    array = values.detach().numpy()
+    if width == channels:
+        return array
+    if values.storage_offset() + rows * width > values.untyped_storage().nbytes() // values.element_size():
+        return None
+    size = array.itemsize
+    return np.lib.stride_tricks.as_strided(array, shape=(rows, width), strides=(width * size, size))
+
+
+def _padded_rows(values: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """(P, C) values as a (P, W) array (see :func:`_rows_in_place`), and whether it is a scratch copy.
+
+    Where the values are not laid out so, they are copied into a scratch buffer with zero padding (give it back to
+    ``_SCRATCH``).
+    """
+    array = _rows_in_place(values)
+    if array is not None:
+        return array, False
+    rows, channels = values.shape
+    padded = _SCRATCH.take((rows, padded_width(channels)), values.detach().numpy().dtype)
+    target = torch.from_numpy(padded)
+    target[:, :channels].copy_(values.detach())  # torch copies with its threads
+    target[:, channels:].zero_()
+    return padded, True
+
+
+def _folded_rows(values: torch.Tensor) -> np.ndarray:
+    """(B, N, C) values as one scratch (N, B·W) array, image b in columns b·W ... b·W + C (W = padded_width(C))."""
+    batch, num_points, channels = values.shape
+    width = padded_width(channels)
+    folded = _SCRATCH.take((num_points, batch * width), values.detach().numpy().dtype)
+    view = torch.from_numpy(folded).view(num_points, batch, width)
+    view[:, :, :channels].copy_(values.detach().transpose(0, 1))
+    view[:, :, channels:].zero_()
+    return folded
+
+
 def _splat_blur(lattice: NumbaLattice, vals: np.ndarray, reverse: bool, pre: np.ndarray) -> np.ndarray:
     """Splat and blur into a scratch grid; returns it (give it back to ``_SCRATCH`` when done)."""
     shape = (lattice.num_vertices + 1, vals.shape[1])
     grid, spare = _SCRATCH.take(shape, vals.dtype), _SCRATCH.take(shape, vals.dtype)
     try:
-        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, grid)
+        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, lattice.splat_chunks, grid)
         half = vals.dtype.type(0.5)
         for j in range(lattice.dim, -1, -1) if reverse else range(lattice.dim + 1):
             _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)
@@ -514,35 +606,54 @@ def _alpha(dtype: np.dtype, d: int):
 
 def filter_sum(
     lattices: tuple[NumbaLattice, NumbaLattice],
-    values: tuple[torch.Tensor, torch.Tensor],
+    values: torch.Tensor,
     scales: tuple[torch.Tensor, torch.Tensor],
     post_scales: tuple[torch.Tensor, torch.Tensor],
     base: torch.Tensor,
     out: torch.Tensor | None,
     softmax_out: torch.Tensor | None = None,
 ) -> None:
-    """``out = base + Σ_k scales[k] ⊙ post_scales[k] ⊙ K_k values[k]`` for two lattices, sliced in one pass.
+    """``out = base + Σ_k scales[k] ⊙ post_scales[k] ⊙ K_k values`` for two lattices, sliced in one pass.
 
-    ``values[k]`` is (P_k, C_k) in lattice k's point layout (C_k = C · P / P_k where the lattice is shared by a batch);
-    ``scales[k]`` are (C,), ``post_scales[k]`` (P_k,); ``base``, ``out`` and ``softmax_out`` (P, C) contiguous;
-    ``softmax_out`` (optional, may be the memory of ``values``) receives the softmax of each row of the sum; ``out``
-    may be None when ``softmax_out`` is given.
+    ``values`` is (B, N, C), its rows contiguous (a column slice of a padded tensor is read without a copy); a lattice
+    built over N points (rather than B·N) is shared by the images. ``scales[k]`` are (C,); ``post_scales[k]`` hold
+    one factor per lattice point; ``base`` and ``out`` are (B·N, C) contiguous; ``softmax_out`` (optional, may be the
+    memory of ``values``, rows contiguous) receives the softmax of each row of the sum; ``out`` may be None when
+    ``softmax_out`` is given.
     """
-    grids = []
+    batch, num_points, channels = values.shape
+    width = padded_width(channels)
+    flat = values.reshape(batch * num_points, channels)
+    grids, scratch = [], []
     try:
-        for lattice, vals in zip(lattices, values):
-            v = vals.detach().numpy()
-            grids.append(_splat_blur(lattice, v, False, np.empty(0, dtype=v.dtype)))
+        laid_out = None  # the values padded once for every lattice over all B·N points
+        for lattice in lattices:
+            if lattice.offsets.shape[0] == flat.shape[0]:
+                if laid_out is None:
+                    laid_out, copied = _padded_rows(flat)
+                    if copied:
+                        scratch.append(laid_out)
+                vals = laid_out
+            else:  # one image's lattice for the whole batch: the images side by side in the channels
+                vals = _folded_rows(values)
+                scratch.append(vals)
+            grids.append(_splat_blur(lattice, vals, False, np.empty(0, dtype=vals.dtype)))
         dtype = grids[0].dtype
-        k = [(s.detach().numpy() * _alpha(dtype, lat.dim)).astype(dtype) for s, lat in zip(scales, lattices)]
+        k = [np.zeros(width, dtype=dtype) for _ in lattices]
+        for kk, s, lat in zip(k, scales, lattices):
+            kk[:channels] = s.detach().numpy() * _alpha(dtype, lat.dim)
         post = [p.detach().reshape(-1).numpy() for p in post_scales]
         (l1, l2), (g1, g2) = lattices, grids
         none2 = np.empty((0, 0), dtype=dtype)
-        soft = none2 if softmax_out is None else softmax_out.detach().numpy()
+        soft = none2
+        if softmax_out is not None:  # contiguous, or with padded rows: written in place either way
+            rows = softmax_out.view(batch * num_points, channels)
+            soft = _rows_in_place(rows)
+            soft = rows.detach().numpy() if soft is None else soft
         _slice_sum2(g1, l1.offsets, l1.weights, k[0], post[0], g2, l2.offsets, l2.weights, k[1], post[1],
                     base.detach().numpy(), none2 if out is None else out.detach().numpy(), soft)
     finally:
-        _SCRATCH.give(*grids)
+        _SCRATCH.give(*grids, *scratch)
 
 
 def filter_points(
@@ -553,17 +664,35 @@ def filter_points(
     post_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Filter (P, C) contiguous CPU values (into ``out`` if given); see :func:`crfasrnn.lattice._torch.filter_points`."""
-    d = lattice.dim
-    vals = values.detach().numpy()
+    """Filter (P, C) CPU values (into contiguous ``out`` if given); see :func:`crfasrnn.lattice._torch.filter_points`."""
+    return filter_each((lattice,), values, reverse, (pre_scale,), (post_scale,), (out,))[0]
+
+
+def filter_each(
+    lattices: tuple[NumbaLattice, ...],
+    values: torch.Tensor,
+    reverse: bool,
+    pre_scales: tuple[torch.Tensor | None, ...],
+    post_scales: tuple[torch.Tensor | None, ...],
+    outs: tuple[torch.Tensor | None, ...],
+) -> list[torch.Tensor]:
+    """:func:`filter_points` of the same (P, C) values through several lattices over P points, padded once."""
+    vals, copied = _padded_rows(values)
     dtype = vals.dtype
     none = np.empty(0, dtype=dtype)
-    pre = none if pre_scale is None else pre_scale.detach().reshape(-1).numpy()
-    post = none if post_scale is None else post_scale.detach().reshape(-1).numpy()
-    result = torch.empty_like(values) if out is None else out  # one allocator for every large tensor
-    grid = _splat_blur(lattice, vals, reverse, pre)
+    results = []
     try:
-        _slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, d), post, result.detach().numpy())
+        for lattice, pre_scale, post_scale, out in zip(lattices, pre_scales, post_scales, outs):
+            pre = none if pre_scale is None else pre_scale.detach().reshape(-1).numpy()
+            post = none if post_scale is None else post_scale.detach().reshape(-1).numpy()
+            result = torch.empty(values.shape, dtype=values.dtype) if out is None else out
+            grid = _splat_blur(lattice, vals, reverse, pre)
+            try:
+                _slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, lattice.dim), post, result.detach().numpy())
+            finally:
+                _SCRATCH.give(grid)
+            results.append(result)
     finally:
-        _SCRATCH.give(grid)
-    return result
+        if copied:
+            _SCRATCH.give(vals)
+    return results

@@ -164,13 +164,14 @@ def crf_rnn(
     a_b = (matrices[2] @ matrices[1]).t()
     grad_mode = torch.is_grad_enabled()
     needs_matrix_grads = grad_mode and any(x.requires_grad for x in matrices)
-    if not needs_matrix_grads and all(_is_diagonal(x) for x in matrices):
-        a_s, a_b = a_s.diagonal(), a_b.diagonal()  # Potts-like models: per-class scales instead of matrix products
+    diagonal = _is_diagonal(a_s) and _is_diagonal(a_b)  # Potts-like models: per-class scales, not matrix products
+    if not needs_matrix_grads and diagonal:
+        a_s, a_b = a_s.diagonal(), a_b.diagonal()
     u = unary.permute(0, 2, 3, 1).reshape(b * h * w, c).contiguous()
     if not (needs_matrix_grads or (grad_mode and unary.requires_grad)):
         q = _mean_field_inference(u, spatial, bilateral, a_s.detach(), a_b.detach(), num_iterations, b)
     else:
-        q = _MeanField.apply(u, a_s, a_b, spatial, bilateral, b, num_iterations)
+        q = _MeanField.apply(u, a_s, a_b, spatial, bilateral, b, num_iterations, diagonal)
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -211,18 +212,20 @@ class _MeanField(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, a_s, a_b, spatial, bilateral, batch, num_iterations):
+    def forward(ctx, u, a_s, a_b, spatial, bilateral, batch, num_iterations, diagonal):
         # Every iteration's probabilities (what backward needs) in one block allocated up front: one large mapping
         # that goes back to the system when freed, instead of a heap fragmented by tensor-sized blocks.
         probs = torch.empty((num_iterations, *u.shape), dtype=u.dtype, device=u.device)
         q = torch.empty_like(u)
+        # Diagonal matrices (whose gradients may still be full) are applied as per-class scales: one fused pass
+        f_s, f_b = (a_s.diagonal(), a_b.diagonal()) if diagonal and a_s.ndim == 2 else (a_s, a_b)
         _softmax_into(u, probs[0])
         for t in range(num_iterations):  # each pass also writes the next iteration's probabilities
             last = t == num_iterations - 1
-            _filter_and_update(probs[t], u, a_s, a_b, spatial, bilateral, batch, q=q,
+            _filter_and_update(probs[t], u, f_s, f_b, spatial, bilateral, batch, q=q,
                                softmax_out=None if last else probs[t + 1])
         ctx.save_for_backward(a_s, a_b, probs)
-        ctx.lattices, ctx.batch = (spatial, bilateral), batch
+        ctx.lattices, ctx.batch, ctx.diagonal = (spatial, bilateral), batch, diagonal
         return q
 
     @staticmethod
@@ -239,7 +242,7 @@ class _MeanField(torch.autograd.Function):
         grad_p = torch.empty_like(g)
         matrices = a_s.ndim == 2
         if matrices:
-            a_t = torch.cat([a_s.t(), a_b.t()])  # (2C, C): ∂L/∂p = −[r_s | r_b] a_t
+            neg_a_t = -torch.cat([a_s.t(), a_b.t()])  # (2C, C): ∂L/∂p = [r_s | r_b] neg_a_t
             grad_a = a_s.new_zeros((c, 2 * c)) if need_s or need_b else None  # [pᵀ r_s | pᵀ r_b], negated at the end
         else:
             grad_a = [torch.zeros_like(a) if need else None for a, need in ((a_s, need_s), (a_b, need_b))]
@@ -248,23 +251,26 @@ class _MeanField(torch.autograd.Function):
             # r = Kᵀ (n ⊙ G) for both kernels (the messages' gradients are −r), G laid out for the filters once
             filter_each(g.view(shape), ctx.lattices, normalize=True, transpose=True, out=halves)
             if matrices:
-                torch.mm(r, a_t, out=grad_p)
+                if ctx.diagonal:
+                    torch.mul(r[:, :c], -a_s.diagonal(), out=grad_p).addcmul_(r[:, c:], a_b.diagonal(), value=-1)
+                else:
+                    torch.mm(r, neg_a_t, out=grad_p)
                 if grad_a is not None:
                     grad_a.addmm_(p.t(), r)
             else:
-                torch.mul(r[:, :c], a_s, out=grad_p).addcmul_(r[:, c:], a_b)
+                torch.mul(r[:, :c], -a_s, out=grad_p).addcmul_(r[:, c:], a_b, value=-1)
                 for k, ga in enumerate(grad_a):
                     if ga is not None:
                         ga.add_((p * r[:, k * c : (k + 1) * c]).sum(dim=0))
-            g = _softmax_backward(grad_p.neg_(), p)  # the gradient of q_{t-1} (of u itself for t = 0)
+            g = _softmax_backward(grad_p, p)  # the gradient of q_{t-1} (of u itself for t = 0)
             if grad_u is not None:
                 grad_u.add_(g)
         if matrices:
             grad_a = [None, None] if grad_a is None else [grad_a[:, :c].neg(), grad_a[:, c:].neg()]
             grad_a = [ga if need else None for ga, need in zip(grad_a, (need_s, need_b))]
-            return grad_u, grad_a[0], grad_a[1], None, None, None, None
+            return grad_u, grad_a[0], grad_a[1], None, None, None, None, None
         grad_a = [None if ga is None else ga.neg_() for ga in grad_a]
-        return grad_u, grad_a[0], grad_a[1], None, None, None, None
+        return grad_u, grad_a[0], grad_a[1], None, None, None, None, None
 
 
 def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, softmax_out=None):

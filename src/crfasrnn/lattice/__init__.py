@@ -498,13 +498,13 @@ def filter_sum(
         else:
             fused_softmax = False
             terms = filter_each(values, lattices, normalize=normalize)  # on numba, the values laid out once
-            if out is not base:
-                out.copy_(base)
-            for term, scale in zip(terms, scales):
+            flat = out.view(b * n, c)
+            for k, (term, scale) in enumerate(zip(terms, scales)):
+                start = base if k == 0 else out  # the first term also brings in the base (no separate copy)
                 if scale.ndim == 2:
-                    out.view(b * n, c).addmm_(term.reshape(b * n, c), scale.to(values.dtype))
+                    torch.addmm(start.reshape(b * n, c), term.reshape(b * n, c), scale.to(values.dtype), out=flat)
                 else:
-                    out.addcmul_(term, scale.to(values.dtype))
+                    torch.addcmul(start, term, scale.to(values.dtype), out=out)
         if softmax_out is not None and not fused_softmax:
             torch.softmax(out, dim=-1, out=softmax_out)
         return out if keep_sum else softmax_out

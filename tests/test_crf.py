@@ -192,6 +192,31 @@ def test_gradients_when_only_some_inputs_need_them(device_backend, potts):
         p.requires_grad_(True)
 
 
+@pytest.mark.parametrize("potts", [False, True], ids=["dense", "potts"])
+def test_backward_without_the_compiled_softmax_gradient(monkeypatch, potts):
+    """The torch operations that replace the compiled softmax-gradient pass (no numba, or CUDA) give its gradients."""
+    import crfasrnn.crf as crf_module
+
+    unary, image = _random_inputs(2, 5, 8, 9, seed=5)
+    crf = CrfRnn(5, 3, theta_alpha=5.0, theta_beta=40.0, theta_gamma=2.0)
+    if not potts:
+        with torch.no_grad():
+            for k, p in enumerate(crf.parameters()):
+                p.add_(0.2 * torch.randn(5, 5, generator=torch.Generator().manual_seed(k)))
+    weights = torch.randn(unary.shape, generator=torch.Generator().manual_seed(6))
+
+    def grads():
+        u = unary.clone().requires_grad_(True)
+        crf.zero_grad(set_to_none=True)
+        (crf(u, image) * weights).sum().backward()
+        return [u.grad] + [p.grad for p in crf.parameters()]
+
+    compiled = grads()
+    monkeypatch.setattr(crf_module, "_crf_numba", None)
+    for a, b in zip(grads(), compiled):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_no_gradient_to_image_or_thetas():
     unary, image = _random_inputs(1, 3, 6, 7)
     image.requires_grad_(True)

@@ -22,6 +22,11 @@ from torch.autograd.function import once_differentiable
 
 from .lattice import PermutohedralLattice, all_finite, filter_each, filter_sum, values_buffer
 
+try:  # numba is optional: torch operations are used without it
+    from . import _crf_numba
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    _crf_numba = None
+
 __all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features"]
 
 
@@ -232,44 +237,30 @@ class _MeanField(torch.autograd.Function):
     @once_differentiable  # second derivatives would need p's dependence on q, which is not recorded
     def backward(ctx, grad):
         a_s, a_b, probs = ctx.saved_tensors
-        need_u, need_s, need_b = ctx.needs_input_grad[:3]
-        g = grad.contiguous()
-        c = g.shape[1]
-        grad_u = g.clone() if need_u else None
+        need_u, need_s, need_b = ctx.needs_input_grad[:3]  # (C,) scales never need one: see crf_rnn
+        c = grad.shape[1]
         shape = (ctx.batch, -1, c)
-        r = g.new_empty((g.shape[0], 2 * c))  # [r_s | r_b], side by side so that each product below is one pass
+        grad_u = grad.contiguous().clone() if need_u else None
+        g = values_buffer(ctx.batch, grad.shape[0] // ctx.batch, c, like=grad).view(-1, c)  # read by the filters
+        g.copy_(grad)
+        r = grad.new_empty((grad.shape[0], 2 * c))  # [r_s | r_b], side by side so that each product is one pass
         halves = (r[:, :c].view(shape), r[:, c:].view(shape))
-        grad_p = torch.empty_like(g)
-        matrices = a_s.ndim == 2
-        if matrices:
-            neg_a_t = -torch.cat([a_s.t(), a_b.t()])  # (2C, C): ∂L/∂p = [r_s | r_b] neg_a_t
-            grad_a = a_s.new_zeros((c, 2 * c)) if need_s or need_b else None  # [pᵀ r_s | pᵀ r_b], negated at the end
-        else:
-            grad_a = [torch.zeros_like(a) if need else None for a, need in ((a_s, need_s), (a_b, need_b))]
+        grad_a = a_s.new_zeros((c, 2 * c)) if need_s or need_b else None  # [pᵀ r_s | pᵀ r_b], negated at the end
+        if a_s.ndim == 1 or ctx.diagonal:  # ∂L/∂p = r_s ⊙ f_s + r_b ⊙ f_b
+            factors, neg_a_t = -torch.stack([_diagonal(a_s), _diagonal(a_b)]), None
+        else:  # ∂L/∂p = [r_s | r_b] (−[A_sᵀ; A_bᵀ])
+            factors, neg_a_t = None, -torch.cat([a_s.t(), a_b.t()])
         for t in range(probs.shape[0] - 1, -1, -1):
             p = probs[t]
-            # r = Kᵀ (n ⊙ G) for both kernels (the messages' gradients are −r), G laid out for the filters once
+            # r = Kᵀ (n ⊙ G) for both kernels: the messages' gradients are −r
             filter_each(g.view(shape), ctx.lattices, normalize=True, transpose=True, out=halves)
-            if matrices:
-                if ctx.diagonal:
-                    torch.mul(r[:, :c], -a_s.diagonal(), out=grad_p).addcmul_(r[:, c:], a_b.diagonal(), value=-1)
-                else:
-                    torch.mm(r, neg_a_t, out=grad_p)
-                if grad_a is not None:
-                    grad_a.addmm_(p.t(), r)
-            else:
-                torch.mul(r[:, :c], -a_s, out=grad_p).addcmul_(r[:, c:], a_b, value=-1)
-                for k, ga in enumerate(grad_a):
-                    if ga is not None:
-                        ga.add_((p * r[:, k * c : (k + 1) * c]).sum(dim=0))
-            g = _softmax_backward(grad_p, p)  # the gradient of q_{t-1} (of u itself for t = 0)
-            if grad_u is not None:
-                grad_u.add_(g)
-        if matrices:
-            grad_a = [None, None] if grad_a is None else [grad_a[:, :c].neg(), grad_a[:, c:].neg()]
-            grad_a = [ga if need else None for ga, need in zip(grad_a, (need_s, need_b))]
-            return grad_u, grad_a[0], grad_a[1], None, None, None, None, None
-        grad_a = [None if ga is None else ga.neg_() for ga in grad_a]
+            if grad_a is not None:
+                grad_a.addmm_(p.t(), r)
+            grad_p = None if neg_a_t is None else torch.mm(r, neg_a_t)
+            _softmax_backward_into(p, g, grad_u, grad_p=grad_p, r=r, factors=factors)  # G_{t-1}, and u's share
+        if grad_a is None:
+            return grad_u, None, None, None, None, None, None, None
+        grad_a = [grad_a[:, :c].neg() if need_s else None, grad_a[:, c:].neg() if need_b else None]
         return grad_u, grad_a[0], grad_a[1], None, None, None, None, None
 
 
@@ -298,12 +289,29 @@ def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(F.softmax(logits, dim=1))
 
 
-def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``probs ⊙ (grad − Σ_c probs ⊙ grad)``, the gradient through ``probs = softmax(q, dim=1)``, in one pass."""
+def _softmax_backward_into(p, g_out, grad_u, *, grad_p=None, r=None, factors=None) -> None:
+    """``g_out = p ⊙ (d − Σ_c p ⊙ d)`` (the gradient through ``p = softmax(q, dim=1)``) and ``grad_u += g_out``.
+
+    ``d`` is ``grad_p``, or ``r[:, :C] ⊙ factors[0] + r[:, C:] ⊙ factors[1]``; ``grad_u`` may be None. On the CPU with
+    numba, one compiled pass; otherwise torch operations.
+    """
+    if _crf_numba is not None and p.device.type == "cpu":
+        _crf_numba.softmax_backward(p, g_out, grad_u, grad_p=grad_p, r=r, factors=factors)
+        return
+    c = p.shape[1]
+    if grad_p is None:
+        grad_p = torch.mul(r[:, :c], factors[0]).addcmul_(r[:, c:], factors[1])
     try:
-        return torch.ops.aten._softmax_backward_data(grad, probs.contiguous(), 1, probs.dtype)
+        g = torch.ops.aten._softmax_backward_data(grad_p, p.contiguous(), 1, p.dtype)
     except (AttributeError, RuntimeError):  # pragma: no cover - an ATen without the op
-        return grad.sub_((grad * probs).sum(dim=1, keepdim=True)).mul_(probs)
+        g = grad_p.sub((grad_p * p).sum(dim=1, keepdim=True)).mul_(p)
+    g_out.copy_(g)
+    if grad_u is not None:
+        grad_u.add_(g)
+
+
+def _diagonal(a: torch.Tensor) -> torch.Tensor:
+    return a if a.ndim == 1 else a.diagonal()
 
 
 def _is_diagonal(matrix: torch.Tensor) -> bool:

@@ -19,6 +19,5 @@ __all__ = [
     "preprocess",
     "prepare",
     "postprocess",
-    "refine",
 ]
 __version__ = "0.1.0"

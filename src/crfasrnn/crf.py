@@ -279,9 +279,9 @@ def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, softmax_
 
 
 def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = softmax(logits, dim=1)`` without allocating (``out`` may have padded rows)."""
+    """``out = softmax(logits, dim=1)``, without allocating where ``out`` is contiguous (it may have padded rows)."""
     if not out.is_contiguous():  # the out= overload below would write it as if it were contiguous
-        torch.softmax(logits, dim=1, out=out)
+        out.copy_(torch.softmax(logits, dim=1))  # faster than torch.softmax(..., out=out) into padded rows
         return
     try:
         torch.ops.aten._softmax.out(logits, 1, False, out=out)

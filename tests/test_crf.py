@@ -316,3 +316,18 @@ def test_second_derivatives_are_refused_not_wrong():
     (grad,) = torch.autograd.grad(crf(unary, torch.rand(1, 3, 6, 7) * 255).pow(2).sum(), unary, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+def test_backward_twice_with_a_retained_graph_gives_the_same_gradients():
+    """Backward reads what forward saved without consuming it: a second backward through a retained graph agrees."""
+    unary, image = _random_inputs(2, 4, 9, 11, seed=7)
+    crf = CrfRnn(4, 3, theta_alpha=5.0, theta_beta=40.0, theta_gamma=2.0)
+    unary.requires_grad_(True)
+    out = crf(unary, image)
+    out.sum().backward(retain_graph=True)
+    first = [unary.grad.clone()] + [p.grad.clone() for p in crf.parameters()]
+    unary.grad = None
+    crf.zero_grad(set_to_none=True)
+    out.sum().backward()
+    for a, b in zip(first, [unary.grad] + [p.grad for p in crf.parameters()]):
+        assert torch.equal(a, b)

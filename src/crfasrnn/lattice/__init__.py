@@ -17,6 +17,12 @@ Differences from the reference, both of which leave the results within float32 r
 Two back ends share one lattice construction (``_build``): vectorised torch operations (CPU and CUDA) and, on CPU when
 numba is installed, JIT-compiled parallel loops. Both give the same results to rounding; the torch path can be forced
 on CPU with ``backend="torch"``.
+
+A :class:`PermutohedralLattice` filters one tensor (:meth:`~PermutohedralLattice.filter`,
+:meth:`~PermutohedralLattice.filter_points`) or applies the transpose (:meth:`~PermutohedralLattice.transpose_points`);
+for a CRF's message passing, :func:`filter_sum` forms a weighted sum of several lattices' filterings (with the next
+softmax, in one pass on numba) and :func:`filter_each` filters the same values through several lattices;
+:func:`values_buffer` makes value tensors laid out as the numba filters read them without a copy.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ __all__ = ["softmax_backward"]
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _softmax_backward(grad_p, factors, r, p, g_out, grad_u):  # pragma: no cover - compiled
+def _softmax_backward(grad_p, factors, r1, r2, p, g_out, grad_u):  # pragma: no cover - compiled
     """``g_out = p ⊙ (d − Σ_c p ⊙ d)`` per row and ``grad_u += g_out`` (where ``grad_u`` is not empty).
 
-    ``d`` is ``grad_p``, or, where ``factors`` (2, C) is not empty, ``r[:, :C] ⊙ factors[0] + r[:, C:] ⊙ factors[1]``.
+    ``d`` is ``grad_p``, or, where ``factors`` (2, C) is not empty, ``r1 ⊙ factors[0] + r2 ⊙ factors[1]``.
     """
     num_points, num_channels = p.shape
     from_r = factors.shape[0] > 0
@@ -30,11 +30,12 @@ def _softmax_backward(grad_p, factors, r, p, g_out, grad_u):  # pragma: no cover
         for i in range(blk * block, min(num_points, (blk + 1) * block)):
             pi = p[i]
             if from_r:
-                ri = r[i]
+                a = r1[i]
+                b = r2[i]
                 f0 = factors[0]
                 f1 = factors[1]
                 for c in range(num_channels):
-                    d[c] = ri[c] * f0[c] + ri[num_channels + c] * f1[c]
+                    d[c] = a[c] * f0[c] + b[c] * f1[c]
             else:
                 gi = grad_p[i]
                 for c in range(num_channels):
@@ -57,13 +58,13 @@ def softmax_backward(
     grad_u: torch.Tensor | None,
     *,
     grad_p: torch.Tensor | None = None,
-    r: torch.Tensor | None = None,
+    r: tuple[torch.Tensor, torch.Tensor] | None = None,
     factors: torch.Tensor | None = None,
 ) -> None:
     """The gradient through ``p = softmax(q, dim=1)`` for (N, C) CPU tensors, written into ``g_out`` (rows may be
     padded) and added to ``grad_u`` (contiguous, or None).
 
-    The gradient of ``p`` is ``grad_p`` (N, C), or ``r[:, :C] ⊙ factors[0] + r[:, C:] ⊙ factors[1]`` for (N, 2C) ``r``
+    The gradient of ``p`` is ``grad_p`` (N, C), or ``r[0] ⊙ factors[0] + r[1] ⊙ factors[1]`` for two (N, C) ``r``
     and (2, C) ``factors``.
     """
     dtype = p.detach().numpy().dtype
@@ -72,4 +73,5 @@ def softmax_backward(
     def array(t: torch.Tensor | None) -> np.ndarray:
         return none if t is None else t.detach().numpy()
 
-    _softmax_backward(array(grad_p), array(factors), array(r), array(p), array(g_out), array(grad_u))
+    r1, r2 = (None, None) if r is None else r
+    _softmax_backward(array(grad_p), array(factors), array(r1), array(r2), array(p), array(g_out), array(grad_u))

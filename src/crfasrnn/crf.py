@@ -243,25 +243,23 @@ class _MeanField(torch.autograd.Function):
         grad_u = grad.contiguous().clone() if need_u else None
         g = values_buffer(ctx.batch, grad.shape[0] // ctx.batch, c, like=grad).view(-1, c)  # read by the filters
         g.copy_(grad)
-        r = grad.new_empty((grad.shape[0], 2 * c))  # [r_s | r_b], side by side so that each product is one pass
-        halves = (r[:, :c].view(shape), r[:, c:].view(shape))
-        grad_a = a_s.new_zeros((c, 2 * c)) if need_s or need_b else None  # [pᵀ r_s | pᵀ r_b], negated at the end
+        r = (grad.new_empty(grad.shape), grad.new_empty(grad.shape))  # r_s, r_b (contiguous)
+        grads_a = [a_s.new_zeros((c, c)) if need else None for need in (need_s, need_b)]  # pᵀ r, negated at the end
         if a_s.ndim == 1 or ctx.diagonal:  # ∂L/∂p = r_s ⊙ f_s + r_b ⊙ f_b
             factors, neg_a_t = -torch.stack([_diagonal(a_s), _diagonal(a_b)]), None
-        else:  # ∂L/∂p = [r_s | r_b] (−[A_sᵀ; A_bᵀ])
-            factors, neg_a_t = None, -torch.cat([a_s.t(), a_b.t()])
+        else:  # ∂L/∂p = −(r_s A_sᵀ + r_b A_bᵀ)
+            factors, neg_a_t = None, (-a_s.t(), -a_b.t())
         for t in range(probs.shape[0] - 1, -1, -1):
             p = probs[t]
             # r = Kᵀ (n ⊙ G) for both kernels: the messages' gradients are −r
-            filter_each(g.view(shape), ctx.lattices, normalize=True, transpose=True, out=halves)
-            if grad_a is not None:
-                grad_a.addmm_(p.t(), r)
-            grad_p = None if neg_a_t is None else torch.mm(r, neg_a_t)
+            filter_each(g.view(shape), ctx.lattices, normalize=True, transpose=True, out=[x.view(shape) for x in r])
+            for ga, rk in zip(grads_a, r):
+                if ga is not None:
+                    ga.addmm_(p.t(), rk)
+            grad_p = None if neg_a_t is None else torch.mm(r[0], neg_a_t[0]).addmm_(r[1], neg_a_t[1])
             _softmax_backward_into(p, g, grad_u, grad_p=grad_p, r=r, factors=factors)  # G_{t-1}, and u's share
-        if grad_a is None:
-            return grad_u, None, None, None, None, None, None, None
-        grad_a = [grad_a[:, :c].neg() if need_s else None, grad_a[:, c:].neg() if need_b else None]
-        return grad_u, grad_a[0], grad_a[1], None, None, None, None, None
+        grads_a = [None if ga is None else ga.neg_() for ga in grads_a]
+        return grad_u, grads_a[0], grads_a[1], None, None, None, None, None
 
 
 def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, softmax_out=None):
@@ -292,15 +290,14 @@ def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
 def _softmax_backward_into(p, g_out, grad_u, *, grad_p=None, r=None, factors=None) -> None:
     """``g_out = p ⊙ (d − Σ_c p ⊙ d)`` (the gradient through ``p = softmax(q, dim=1)``) and ``grad_u += g_out``.
 
-    ``d`` is ``grad_p``, or ``r[:, :C] ⊙ factors[0] + r[:, C:] ⊙ factors[1]``; ``grad_u`` may be None. On the CPU with
+    ``d`` is ``grad_p``, or ``r[0] ⊙ factors[0] + r[1] ⊙ factors[1]``; ``grad_u`` may be None. On the CPU with
     numba, one compiled pass; otherwise torch operations.
     """
     if _crf_numba is not None and p.device.type == "cpu":
         _crf_numba.softmax_backward(p, g_out, grad_u, grad_p=grad_p, r=r, factors=factors)
         return
-    c = p.shape[1]
     if grad_p is None:
-        grad_p = torch.mul(r[:, :c], factors[0]).addcmul_(r[:, c:], factors[1])
+        grad_p = torch.mul(r[0], factors[0]).addcmul_(r[1], factors[1])
     try:
         g = torch.ops.aten._softmax_backward_data(grad_p, p.contiguous(), 1, p.dtype)
     except (AttributeError, RuntimeError):  # pragma: no cover - an ATen without the op

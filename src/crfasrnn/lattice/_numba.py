@@ -270,26 +270,31 @@ def _insert_all(codes, offsets):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _neighbours(unique, table_codes, table_ids, bits, shifts, out):  # pragma: no cover - compiled
-    """out[j, s, v] = id of the vertex with code unique[v] + shifts[j, s], or M (the empty vertex) if absent."""
+    """out[j, s, v] = id of the vertex with code unique[v] + shifts[j, s], or M (the empty vertex) if absent.
+
+    Only the forward neighbours (s = 1) are looked up: the relation is symmetric (``shifts[j, 0] = -shifts[j, 1]``), so
+    finding u after v also records v before u. Each u has one vertex before it on each axis, so the writes never meet.
+    """
     num_vertices = unique.shape[0]
     capacity = np.int64(1) << bits
     mask = capacity - 1
     shift = np.uint64(64 - bits)
+    out[:, 0, :] = num_vertices
     for v in numba.prange(num_vertices):
         for j in range(shifts.shape[0]):
-            for s in range(2):
-                code = unique[v] + shifts[j, s]
-                slot = _hash_slot(code, mask, shift)
-                found = num_vertices
-                while table_codes[slot] != _EMPTY:
-                    if table_codes[slot] == code:
-                        found = table_ids[slot]
-                        break
-                    slot = (slot + 1) & mask
-                out[j, s, v] = found
+            code = unique[v] + shifts[j, 1]
+            slot = _hash_slot(code, mask, shift)
+            found = num_vertices
+            while table_codes[slot] != _EMPTY:
+                if table_codes[slot] == code:
+                    found = table_ids[slot]
+                    break
+                slot = (slot + 1) & mask
+            out[j, 1, v] = found
+            if found != num_vertices:
+                out[j, 0, found] = v
     for j in range(shifts.shape[0]):
-        for s in range(2):
-            out[j, s, num_vertices] = num_vertices
+        out[j, 1, num_vertices] = num_vertices
 
 
 @numba.njit(cache=True, nogil=True)

@@ -69,6 +69,11 @@ def bilateral_features(image: torch.Tensor, theta_alpha: float, theta_beta: floa
     return torch.cat([xy, image / theta_beta], dim=1)
 
 
+def _check_iterations(num_iterations: int) -> None:
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
+        raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
+
+
 def _check_positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -147,8 +152,7 @@ def crf_rnn(
                     ("compatibility", compatibility)):
         if m.shape != (num_classes, num_classes):
             raise ValueError(f"{name} must be ({num_classes}, {num_classes}) for {num_classes} classes, got {tuple(m.shape)}")
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
+    _check_iterations(num_iterations)
     theta_alpha = _check_positive("theta_alpha", theta_alpha)
     theta_beta = _check_positive("theta_beta", theta_beta)
     theta_gamma = _check_positive("theta_gamma", theta_gamma)
@@ -369,8 +373,7 @@ class CrfRnn(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-            raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
+        _check_iterations(num_iterations)
         if backend not in ("auto", "torch", "numba"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
         self.num_classes = num_classes

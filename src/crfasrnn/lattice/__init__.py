@@ -249,15 +249,8 @@ class PermutohedralLattice:
         Returns:
             (B, H·W, C) filtered values (``out`` when given).
         """
-        self._check_points(values)
         post = self.normalizer if normalize else None
-        if out is None:
-            return _LatticeFilter.apply(values, self, reverse, None, post)
-        _check_buffer("out", out, values)
-        if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
-            raise RuntimeError("filter_points(out=...) does not support autograd; call it without out= to differentiate")
-        self._apply(values, reverse, None, post, out=out)
-        return out
+        return self._filter_checked("filter_points", values, reverse, None, post, out)
 
     def transpose_points(
         self,
@@ -288,14 +281,26 @@ class PermutohedralLattice:
             >>> bool(torch.isclose(lhs, rhs, rtol=1e-5))
             True
         """
-        self._check_points(values)
         pre = self.normalizer if normalize else None
+        return self._filter_checked("transpose_points", values, True, pre, None, out)
+
+    def _filter_checked(
+        self,
+        name: str,
+        values: torch.Tensor,
+        reverse: bool,
+        pre: torch.Tensor | None,
+        post: torch.Tensor | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``post ⊙ K (pre ⊙ values)`` for the public method ``name``: differentiable, or into ``out`` without autograd."""
+        self._check_points(values)
         if out is None:
-            return _LatticeFilter.apply(values, self, True, pre, None)
+            return _LatticeFilter.apply(values, self, reverse, pre, post)
         _check_buffer("out", out, values)
         if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
-            raise RuntimeError("transpose_points(out=...) does not support autograd; call it without out=")
-        self._apply(values, True, pre, None, out=out)
+            raise RuntimeError(f"{name}(out=...) does not support autograd; call it without out= to differentiate")
+        self._apply(values, reverse, pre, post, out=out)
         return out
 
     def _check_points(self, values: torch.Tensor) -> None:

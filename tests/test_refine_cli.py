@@ -78,13 +78,18 @@ def test_refine_probabilities_hwc_at_lower_resolution(tmp_path):
                                   (np.arange(40) >= edge)[None].repeat(32, 0))
 
 
-def test_refine_folder_with_progress(tmp_path, capsys):
+def scene_folders(tmp_path: Path) -> None:
+    """Two scenes, a and b: photos in tmp_path/images, annotations in tmp_path/labels, under the same names."""
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
     for name in ("a", "b"):
         photo, anno, _ = scene(tmp_path, name)
         photo.rename(tmp_path / "images" / f"{name}.png")
         anno.rename(tmp_path / "labels" / f"{name}.png")
+
+
+def test_refine_folder_with_progress(tmp_path, capsys):
+    scene_folders(tmp_path)
     out = tmp_path / "out"
     assert main(["refine", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
@@ -97,12 +102,7 @@ def test_refine_folder_with_progress(tmp_path, capsys):
 
 
 def test_refine_folder_with_one_bad_input_writes_nothing(tmp_path, capsys):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    for name in ("a", "b"):
-        photo, anno, _ = scene(tmp_path, name)
-        photo.rename(tmp_path / "images" / f"{name}.png")
-        anno.rename(tmp_path / "labels" / f"{name}.png")
+    scene_folders(tmp_path)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8) + 9).save(tmp_path / "labels" / "b.png")  # wrong size
     out = tmp_path / "out"
     assert main(["refine", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "-o", str(out)]) == 1

@@ -195,7 +195,7 @@ def test_gradients_when_only_some_inputs_need_them(device_backend, potts):
 @pytest.mark.parametrize("potts", [False, True], ids=["dense", "potts"])
 def test_backward_without_the_compiled_softmax_gradient(monkeypatch, potts):
     """The torch operations that replace the compiled softmax-gradient pass (no numba, or CUDA) give its gradients."""
-    import crfasrnn.crf as crf_module
+    import crfasrnn._mean_field as crf_module
 
     unary, image = _random_inputs(2, 5, 8, 9, seed=5)
     crf = CrfRnn(5, 3, theta_alpha=5.0, theta_beta=40.0, theta_gamma=2.0)

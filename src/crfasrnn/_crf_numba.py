@@ -12,6 +12,8 @@ import numba
 import numpy as np
 import torch
 
+from ._parallel import parallel_kernel
+
 __all__ = ["softmax_backward"]
 
 
@@ -52,6 +54,7 @@ def _softmax_backward(grad_p, factors, r1, r2, p, g_out, grad_u):  # pragma: no 
                     gu[c] += o[c]
 
 
+@parallel_kernel
 def softmax_backward(
     p: torch.Tensor,
     g_out: torch.Tensor,

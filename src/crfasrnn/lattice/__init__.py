@@ -32,8 +32,8 @@ from typing import Literal
 
 import torch
 
-from . import _torch
-from ._build import build_lattice
+from . import _ops
+from ._ops import NORMALISER_EPS
 
 try:  # numba is optional: the torch path is used without it
     from . import _numba
@@ -51,10 +51,6 @@ __all__ = [
     "all_finite",
     "NORMALISER_EPS",
 ]
-
-#: Added to the filtered all-ones image before inverting it (the PyTorch port's ``np.finfo(float).eps``; Caffe uses
-#: 1e-20, which makes no difference in float32 since the response is at least about 0.3).
-NORMALISER_EPS = 2.220446049250313e-16
 
 Backend = Literal["auto", "torch", "numba"]
 
@@ -176,34 +172,48 @@ class PermutohedralLattice:
             raise ValueError("the numba back end needs numba installed and features on the CPU")
         if backend == "auto":
             backend = "numba" if (_numba is not None and features.device.type == "cpu") else "torch"
-        self.backend: str = backend
-        self.batch_size = batch
-        self.dim = d
-        self.size = (height, width)
-        self.dtype = features.dtype
-        self.device = features.device
         points = features.detach().permute(0, 2, 3, 1).reshape(batch, height * width, d).contiguous()
-        if backend == "numba":
-            self._structure = _numba.build_lattice(points)
-        else:
-            self._structure = build_lattice(points)
-        self._normalizer: torch.Tensor | None = None
+        self._init(_ops.build(points, backend), height * width)
+        self.size = (height, width)
+
+    def _init(self, tensors: list[torch.Tensor], num_points: int) -> None:
+        self._tensors = tensors
+        self.backend: str = "numba" if _ops.is_numba(tensors) else "torch"
+        self.num_points = num_points
+        self.batch_size = tensors[0].shape[0] // num_points
+        self.dim = tensors[0].shape[1] - 1
+        self.size = (num_points, 1)
+        self.dtype = tensors[1].dtype
+        self.device = tensors[1].device
+        self._built_structure = None
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], num_points: int) -> PermutohedralLattice:
+        """A lattice over the tensors of a built one (:attr:`tensors`), e.g. inside an operator; ``size`` is (N, 1)."""
+        lattice = cls.__new__(cls)
+        lattice._init(list(tensors), num_points)
+        return lattice
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The built lattice as a list of tensors (see :data:`crfasrnn.lattice._ops.FIELDS`), as operators take it."""
+        return self._tensors
+
+    @property
+    def _structure(self):
+        if self._built_structure is None:
+            self._built_structure = _ops.structure(self._tensors)
+        return self._built_structure
 
     @property
     def num_vertices(self) -> int:
         """Number of lattice vertices (over the whole batch)."""
-        return self._structure.num_vertices
+        return self._tensors[2].shape[2] - 1
 
     @property
     def normalizer(self) -> torch.Tensor:
-        """(B, H·W, 1) per-pixel normaliser ``1 / (K·1 + ε)``, computed on first use and kept (ε = 2.22e-16)."""
-        if self._normalizer is None:
-            b = self.batch_size
-            ones = torch.ones(b * self.size[0] * self.size[1], 1, dtype=self.dtype, device=self.device)
-            with torch.no_grad():
-                response = self._filter_flat(ones, False, None, None)
-            self._normalizer = (1.0 / (response + NORMALISER_EPS)).reshape(b, -1, 1)
-        return self._normalizer
+        """(B, H·W, 1) per-pixel normaliser ``1 / (K·1 + ε)``, computed with the lattice (ε = 2.22e-16)."""
+        return self._tensors[3].view(self.batch_size, -1, 1)
 
     def filter(self, values: torch.Tensor, reverse: bool = False, normalize: bool = False) -> torch.Tensor:
         """Filter values through the lattice, differentiably with respect to ``values``.
@@ -249,8 +259,7 @@ class PermutohedralLattice:
         Returns:
             (B, H·W, C) filtered values (``out`` when given).
         """
-        post = self.normalizer if normalize else None
-        return self._filter_checked("filter_points", values, reverse, None, post, out)
+        return self._filter_checked("filter_points", values, reverse, False, normalize, out)
 
     def transpose_points(
         self,
@@ -281,26 +290,27 @@ class PermutohedralLattice:
             >>> bool(torch.isclose(lhs, rhs, rtol=1e-5))
             True
         """
-        pre = self.normalizer if normalize else None
-        return self._filter_checked("transpose_points", values, True, pre, None, out)
+        return self._filter_checked("transpose_points", values, True, normalize, False, out)
 
     def _filter_checked(
         self,
         name: str,
         values: torch.Tensor,
         reverse: bool,
-        pre: torch.Tensor | None,
-        post: torch.Tensor | None,
+        pre: bool,
+        post: bool,
         out: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``post ⊙ K (pre ⊙ values)`` for the public method ``name``: differentiable, or into ``out`` without autograd."""
+        """``n^post ⊙ K (n^pre ⊙ values)`` for the public method ``name``: differentiable (the ``crfasrnn::lattice_filter``
+        operator), or into ``out`` without autograd."""
         self._check_points(values)
         if out is None:
-            return _LatticeFilter.apply(values, self, reverse, pre, post)
+            return torch.ops.crfasrnn.lattice_filter(values, self._tensors, reverse, pre, post)
         _check_buffer("out", out, values)
         if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
             raise RuntimeError(f"{name}(out=...) does not support autograd; call it without out= to differentiate")
-        self._apply(values, reverse, pre, post, out=out)
+        with torch.no_grad():
+            _ops.filter_tensors(self._tensors, values, reverse, pre, post, out=out)
         return out
 
     def _check_points(self, values: torch.Tensor) -> None:
@@ -310,7 +320,7 @@ class PermutohedralLattice:
             raise TypeError(f"values have dtype {values.dtype} but the lattice features have dtype {self.dtype}")
         if values.device != self.device:
             raise ValueError(f"values are on {values.device} but the lattice is on {self.device}")
-        num_points = self.size[0] * self.size[1]
+        num_points = self.num_points
         if (
             values.ndim != 3
             or values.shape[1] != num_points
@@ -322,38 +332,6 @@ class PermutohedralLattice:
                 f"values of shape {tuple(values.shape)} do not fit a lattice built for batch {self.batch_size} and "
                 f"size {self.size} (expected ({self.batch_size}, {num_points}, C))"
             )
-
-    def _apply(
-        self,
-        values: torch.Tensor,
-        reverse: bool,
-        pre: torch.Tensor | None,
-        post: torch.Tensor | None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Non-differentiable ``post ⊙ K (pre ⊙ values)`` of (B, N, C) values; pre/post are (B_lattice, N, 1)."""
-        b, n, c = values.shape
-        if self.batch_size == 1 and b > 1:  # one shared lattice: fold the batch into channels
-            points = values.permute(1, 0, 2).reshape(n, b * c)
-            result = self._filter_flat(points, reverse, pre, post).reshape(n, b, c).permute(1, 0, 2)
-            return result.contiguous() if out is None else out.copy_(result)
-        flat_out = None if out is None else out.view(b * n, c)
-        return self._filter_flat(values.reshape(b * n, c), reverse, pre, post, flat_out).view(b, n, c)
-
-    def _filter_flat(
-        self,
-        points: torch.Tensor,
-        reverse: bool,
-        pre: torch.Tensor | None,
-        post: torch.Tensor | None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        pre = None if pre is None else pre.reshape(-1)
-        post = None if post is None else post.reshape(-1)
-        if self.backend == "numba":
-            return _numba.filter_points(self._structure, points, reverse, pre, post, out)
-        result = _torch.filter_points(self._structure, points, reverse, pre, post)
-        return result if out is None else out.copy_(result)
 
 
 def filter_each(
@@ -519,23 +497,6 @@ def filter_sum(
         if softmax_out is not None and not fused_softmax:
             torch.softmax(out, dim=-1, out=softmax_out)
         return out if keep_sum else softmax_out
-
-
-class _LatticeFilter(torch.autograd.Function):
-    """``post ⊙ K (pre ⊙ v)`` forward; its transpose ``pre ⊙ Kᵀ (post ⊙ g)`` backward. Twice differentiable.
-
-    ``K`` blurs the axes in forward order and ``Kᵀ`` in reverse order; the scales are per-pixel constants.
-    """
-
-    @staticmethod
-    def forward(ctx, values, lattice, reverse, pre, post):
-        ctx.lattice, ctx.reverse, ctx.pre, ctx.post = lattice, reverse, pre, post
-        return lattice._apply(values, reverse, pre, post)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_values = _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse, ctx.post, ctx.pre)
-        return grad_values, None, None, None, None
 
 
 def permutohedral_filter(

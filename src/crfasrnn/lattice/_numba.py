@@ -26,6 +26,7 @@ import numba
 import numpy as np
 import torch
 
+from .._parallel import parallel_kernel
 from ._build import scale_factors
 
 __all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width"]
@@ -319,6 +320,7 @@ def _splat_lists(offsets, weights, num_vertices):  # pragma: no cover - compiled
     return start[: num_vertices + 1], points, entry_weights
 
 
+@parallel_kernel
 def build_lattice(points: torch.Tensor) -> NumbaLattice:
     """Build the lattice of (B, N, d) contiguous CPU points (see :func:`crfasrnn.lattice._build.build_lattice`)."""
     batch, num_points, d = points.shape
@@ -609,6 +611,7 @@ def _alpha(dtype: np.dtype, d: int):
     return dtype.type(1.0) / (dtype.type(1.0) + dtype.type(2.0) ** dtype.type(-d))
 
 
+@parallel_kernel
 def filter_sum(
     lattices: tuple[NumbaLattice, NumbaLattice],
     values: torch.Tensor,
@@ -673,6 +676,7 @@ def filter_points(
     return filter_each((lattice,), values, reverse, (pre_scale,), (post_scale,), (out,))[0]
 
 
+@parallel_kernel
 def filter_each(
     lattices: tuple[NumbaLattice, ...],
     values: torch.Tensor,

@@ -1,0 +1,176 @@
+"""The lattice as ``torch.library`` custom operators: ``crfasrnn::lattice_build`` and ``crfasrnn::lattice_filter``.
+
+Registered operators are what ``torch.compile``, ``torch.export``, FakeTensor and meta tensors understand: each has a
+fake kernel that gives its outputs' shapes without running it, so a compiled graph holds one node per operator and
+never traces into numba or into the lattice's data-dependent construction.
+
+A built lattice travels between operators as a fixed list of tensors (:data:`FIELDS`), which is what lets it be an
+operator's output and input. Its number of vertices M depends on the data; in a fake kernel it is a fresh symbolic
+size, and nothing downstream depends on it (filtered values have the shape of the values).
+
+On the numba back end (CPU) the list carries the splat lists the compiled gather needs, with 32-bit indices; on the
+torch back end (CUDA, or CPU when forced) those entries are empty and indices are 64-bit, which is how the kernels tell
+the back ends apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _torch
+from ._build import LatticeStructure, build_lattice
+
+try:  # numba is optional: the torch path is used without it
+    from . import _numba
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    _numba = None
+
+__all__ = ["FIELDS", "build", "filter_tensors", "is_numba", "structure", "numba_splat_chunks"]
+
+#: The tensors of a built lattice over P points with d features, in order (M: the number of vertices).
+FIELDS = (
+    "offsets",  # (P, d+1) int32 (numba) / int64 (torch): each point's simplex vertices
+    "weights",  # (P, d+1) barycentric weights, in the features' dtype
+    "blur_neighbours",  # (d+1, 2, M+1) the two neighbours of each vertex along each axis; M is the empty vertex
+    "normalizer",  # (P,) 1 / (K·1 + ε): the normalised filter's per-point factor
+    "splat_start",  # numba: (M+1,) int64 start of each vertex's entries; torch: empty
+    "splat_points",  # numba: (P·(d+1),) int32 points in vertex order; torch: empty
+    "splat_weights",  # numba: (P·(d+1),) their weights; torch: empty
+    "splat_chunks",  # numba: (K+1,) int64 vertex bounds of the splat's work items; torch: empty
+)
+
+#: Added to the filtered all-ones image before inverting it (the PyTorch port's ``np.finfo(float).eps``; Caffe uses
+#: 1e-20, which makes no difference in float32 since the response is at least about 0.3).
+NORMALISER_EPS = 2.220446049250313e-16
+
+
+def is_numba(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a lattice's tensors were built by the numba back end."""
+    return tensors[0].dtype == torch.int32
+
+
+def structure(tensors: Sequence[torch.Tensor]):
+    """The back end's structure over a lattice's tensors (numpy views on numba; no copy)."""
+    offsets, weights, neighbours = tensors[0], tensors[1], tensors[2]
+    num_vertices, dim = neighbours.shape[2] - 1, offsets.shape[1] - 1
+    if is_numba(tensors):
+        start, points, entry_weights, chunks = (t.numpy() for t in tensors[4:8])
+        return _numba.NumbaLattice(offsets.numpy(), weights.numpy(), neighbours.numpy(), start, points,
+                                   entry_weights, chunks, num_vertices, dim)
+    return LatticeStructure(offsets, weights, neighbours, num_vertices, dim)
+
+
+def filter_flat(tensors, points, reverse, pre, post, out=None):
+    """``post ⊙ K (pre ⊙ points)`` for (P, C) values over all the lattice's points; pre/post are (P,) or None."""
+    lattice = structure(tensors)
+    if is_numba(tensors):
+        return _numba.filter_points(lattice, points, reverse, pre, post, out)
+    result = _torch.filter_points(lattice, points, reverse, pre, post)
+    return result if out is None else out.copy_(result)
+
+
+def filter_tensors(tensors, values, reverse, pre_normalize, post_normalize, out=None):
+    """``n^post ⊙ K (n^pre ⊙ values)`` of (B, N, C) values, for a lattice over B·N points or over N (shared)."""
+    b, n, c = values.shape
+    lattice_batch = tensors[0].shape[0] // n
+    normalizer = tensors[3]
+    pre = normalizer if pre_normalize else None
+    post = normalizer if post_normalize else None
+    if lattice_batch == 1 and b > 1:  # one shared lattice: fold the batch into channels
+        points = values.permute(1, 0, 2).reshape(n, b * c)
+        result = filter_flat(tensors, points, reverse, pre, post).reshape(n, b, c).permute(1, 0, 2)
+        return result.contiguous() if out is None else out.copy_(result)
+    flat_out = None if out is None else out.view(b * n, c)
+    return filter_flat(tensors, values.reshape(b * n, c), reverse, pre, post, flat_out).view(b, n, c)
+
+
+def numba_splat_chunks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The splat's work-item bounds of a numba lattice (for tests)."""
+    return tensors[7]
+
+
+# --- crfasrnn::lattice_build ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crfasrnn::lattice_build", mutates_args=())
+def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
+    """Build the lattice of (B, N, d) contiguous points (already scaled by the bandwidths); see :data:`FIELDS`."""
+    points = points.contiguous()
+    if backend == "numba":
+        lat = _numba.build_lattice(points)
+        arrays = (lat.offsets, lat.weights, lat.blur_neighbours)
+        splat = (lat.splat_start, lat.splat_points, lat.splat_weights, lat.splat_chunks)
+        tensors = [torch.from_numpy(a) for a in arrays] + [torch.empty(0)] + [torch.from_numpy(a) for a in splat]
+    else:
+        lat = build_lattice(points)
+        empty_index = points.new_empty(0, dtype=torch.int64)
+        tensors = [lat.offsets, lat.weights, lat.blur_neighbours, points.new_empty(0), empty_index,
+                   points.new_empty(0, dtype=torch.int32), points.new_empty(0), empty_index.clone()]
+    ones = points.new_ones(points.shape[0] * points.shape[1], 1)
+    response = filter_flat(tensors, ones, False, None, None)
+    tensors[3] = (1.0 / (response + NORMALISER_EPS)).reshape(-1)
+    return tensors
+
+
+@_lattice_build.register_fake
+def _(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
+    b, n, d = points.shape
+    num = b * n
+    if points.device.type == "meta":  # meta tensors carry no data: a nominal size (the most vertices possible)
+        rows, chunks = num * (d + 1) + 1, 2
+    else:  # M + 1 rows (the vertices and the empty one), and the splat's K + 1 work-item bounds
+        ctx = torch.library.get_ctx()
+        rows, chunks = ctx.new_dynamic_size(min=2), ctx.new_dynamic_size(min=2)
+    numba = backend == "numba"
+    index = torch.int32 if numba else torch.int64
+    offsets = points.new_empty((num, d + 1), dtype=index)
+    weights = points.new_empty((num, d + 1))
+    neighbours = points.new_empty((d + 1, 2, rows), dtype=index)
+    normalizer = points.new_empty((num,))
+    if numba:
+        splat = [points.new_empty((rows,), dtype=torch.int64), points.new_empty((num * (d + 1),), dtype=torch.int32),
+                 points.new_empty((num * (d + 1),)), points.new_empty((chunks,), dtype=torch.int64)]
+    else:
+        splat = [points.new_empty((0,), dtype=torch.int64), points.new_empty((0,), dtype=torch.int32),
+                 points.new_empty((0,)), points.new_empty((0,), dtype=torch.int64)]
+    return [offsets, weights, neighbours, normalizer, *splat]
+
+
+def build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
+    """Build a lattice with the registered operator (``backend`` is ``"numba"`` or ``"torch"``)."""
+    return torch.ops.crfasrnn.lattice_build(points, backend)
+
+
+# --- crfasrnn::lattice_filter ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crfasrnn::lattice_filter", mutates_args=())
+def _lattice_filter(
+    values: torch.Tensor, lattice: list[torch.Tensor], reverse: bool, pre_normalize: bool, post_normalize: bool
+) -> torch.Tensor:
+    """``n^post ⊙ K (n^pre ⊙ values)`` for (B, N, C) values (``K`` blurs in reverse axis order where ``reverse``)."""
+    return filter_tensors(lattice, values, reverse, pre_normalize, post_normalize)
+
+
+@_lattice_filter.register_fake
+def _(values, lattice, reverse, pre_normalize, post_normalize):
+    return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+
+def _filter_setup(ctx, inputs, output):
+    values, lattice, reverse, pre_normalize, post_normalize = inputs
+    ctx.save_for_backward(*lattice)
+    ctx.flags = (reverse, pre_normalize, post_normalize)
+
+
+def _filter_backward(ctx, grad):
+    reverse, pre_normalize, post_normalize = ctx.flags
+    # the transpose of post ⊙ K (pre ⊙ v) is pre ⊙ Kᵀ (post ⊙ g), and Kᵀ is K with the axes blurred in reverse order
+    grad_values = torch.ops.crfasrnn.lattice_filter(grad.contiguous(), list(ctx.saved_tensors), not reverse,
+                                                    post_normalize, pre_normalize)
+    return grad_values, [None] * len(ctx.saved_tensors), None, None, None
+
+
+_lattice_filter.register_autograd(_filter_backward, setup_context=_filter_setup)

@@ -1,6 +1,6 @@
 """CRF-RNN semantic segmentation for modern PyTorch."""
 
-from .crf import CrfRnn, crf_rnn
+from .crf import CrfRnn, crf_rnn, set_finite_check
 from .lattice import PermutohedralLattice, permutohedral_filter
 from .models import FCN8s, CrfRnnNet
 from .refine import refine
@@ -9,6 +9,7 @@ from .transforms import VOC_CLASSES, VOC_MEAN_RGB, postprocess, prepare, preproc
 __all__ = [
     "CrfRnn",
     "crf_rnn",
+    "set_finite_check",
     "PermutohedralLattice",
     "permutohedral_filter",
     "FCN8s",

@@ -137,10 +137,18 @@ def _check_inputs(
     mode = _FINITE_CHECK[0]
     if mode == "never" or torch.compiler.is_compiling() or (mode == "cpu" and unary.device.type != "cpu"):
         return
+    if unary.device.type == "meta" or _is_fake(unary):  # no data to scan (shape propagation)
+        return
     if not all_finite(unary):
         raise ValueError(f"unary {tuple(unary.shape)} contains NaN or Inf")
     if not all_finite(image):
         raise ValueError(f"image {tuple(image.shape)} contains NaN or Inf")
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

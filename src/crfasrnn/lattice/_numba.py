@@ -228,7 +228,8 @@ def _insert_all(codes, offsets):  # pragma: no cover - compiled
     while (np.int64(1) << bits) < min(2 * num_points * d1, 1 << 18):
         bits += 1
     capacity = np.int64(1) << bits
-    table_codes = np.full(capacity, _EMPTY, dtype=np.int64)
+    table_codes = np.empty(capacity, dtype=np.int64)
+    table_codes[:] = _EMPTY
     table_ids = np.empty(capacity, dtype=np.int32)
     unique = np.empty(1024, dtype=np.int64)
     count = 0
@@ -258,7 +259,8 @@ def _insert_all(codes, offsets):  # pragma: no cover - compiled
                 bits += 1
                 capacity = np.int64(1) << bits
                 mask = capacity - 1
-                table_codes = np.full(capacity, _EMPTY, dtype=np.int64)
+                table_codes = np.empty(capacity, dtype=np.int64)
+                table_codes[:] = _EMPTY
                 table_ids = np.empty(capacity, dtype=np.int32)
                 for u in range(count):
                     s2 = _hash_slot(unique[u], mask, np.uint64(64 - bits))

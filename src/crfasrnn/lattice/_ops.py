@@ -118,12 +118,12 @@ def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
 def _(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
     b, n, d = points.shape
     num = b * n
-    if points.device.type == "meta":  # meta tensors carry no data: a nominal size (the most vertices possible)
-        rows, chunks = num * (d + 1) + 1, 2
-    else:  # M + 1 rows (the vertices and the empty one), and the splat's K + 1 work-item bounds
-        ctx = torch.library.get_ctx()
-        rows, chunks = ctx.new_dynamic_size(min=2), ctx.new_dynamic_size(min=2)
     numba = backend == "numba"
+    rows, chunks = num * (d + 1) + 1, 2  # nominal sizes (the most vertices possible), where no symbol can be made
+    ctx = torch.library.get_ctx() if points.device.type != "meta" else None  # meta tensors carry no data
+    if ctx is not None and getattr(ctx, "_shape_env", None) is not None:  # else a FakeTensorMode without a ShapeEnv
+        rows = ctx.new_dynamic_size(min=2)  # M + 1 rows: the vertices and the empty one
+        chunks = ctx.new_dynamic_size(min=2) if numba else 0  # the numba splat's K + 1 work-item bounds
     index = torch.int32 if numba else torch.int64
     offsets = points.new_empty((num, d + 1), dtype=index)
     weights = points.new_empty((num, d + 1))

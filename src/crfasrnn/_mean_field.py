@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._library import operator
 from .lattice import PermutohedralLattice, filter_each, filter_sum, values_buffer
 
 try:  # numba is optional: torch operations are used without it
@@ -32,7 +33,8 @@ def _lattices(spatial, bilateral, num_points):
     return PermutohedralLattice.from_tensors(spatial, num_points), PermutohedralLattice.from_tensors(bilateral, num_points)
 
 
-@torch.library.custom_op("crfasrnn::mean_field", mutates_args=())
+@operator("mean_field(Tensor unary, Tensor[] spatial, Tensor[] bilateral, Tensor a_s, Tensor a_b, int num_iterations, "
+          "bool save_probs) -> (Tensor, Tensor)")
 def mean_field(
     unary: torch.Tensor,
     spatial: list[torch.Tensor],
@@ -58,14 +60,15 @@ def mean_field(
     return q.view(batch, n, c), probs
 
 
-@mean_field.register_fake
+@torch.library.register_fake("crfasrnn::mean_field")
 def _(unary, spatial, bilateral, a_s, a_b, num_iterations, save_probs):
     b, n, c = unary.shape
     probs = unary.new_empty((num_iterations, b * n, c) if save_probs else (0,))
     return torch.empty_like(unary, memory_format=torch.contiguous_format), probs
 
 
-@torch.library.custom_op("crfasrnn::mean_field_backward", mutates_args=())
+@operator("mean_field_backward(Tensor grad, Tensor probs, Tensor[] spatial, Tensor[] bilateral, Tensor a_s, Tensor a_b, "
+          "bool need_unary, bool need_a_s, bool need_a_b) -> (Tensor, Tensor, Tensor)")
 def mean_field_backward(
     grad: torch.Tensor,
     probs: torch.Tensor,
@@ -91,7 +94,7 @@ def mean_field_backward(
             empty.clone() if grad_b is None else grad_b)
 
 
-@mean_field_backward.register_fake
+@torch.library.register_fake("crfasrnn::mean_field_backward")
 def _(grad, probs, spatial, bilateral, a_s, a_b, need_unary, need_a_s, need_a_b):
     def maybe(need, like):
         return torch.empty_like(like, memory_format=torch.contiguous_format) if need else grad.new_empty(0)
@@ -116,7 +119,16 @@ def _autograd_backward(ctx, grad_q, grad_probs):
             grad_b if need_b else None, None, None)
 
 
-mean_field.register_autograd(_autograd_backward, setup_context=_setup)
+torch.library.register_autograd("crfasrnn::mean_field", _autograd_backward, setup_context=_setup)
+
+
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError("the CRF's backward is first-order only: second derivatives (create_graph=True, then backward "
+                       "again) are not supported")
+
+
+torch.library.register_autograd("crfasrnn::mean_field_backward", _no_second_derivative,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def _forward_saving(u, f_s, f_b, spatial, bilateral, batch, num_iterations):

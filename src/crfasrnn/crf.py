@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 from typing import Literal
 
 import torch
@@ -146,9 +147,8 @@ def _check_inputs(
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
+    fake = sys.modules.get("torch._subclasses.fake_tensor")  # not imported: no fake tensor exists (and none is paid for)
+    return fake is not None and fake.is_fake(tensor)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

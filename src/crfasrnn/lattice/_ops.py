@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._library import operator
 from . import _torch
 from ._build import LatticeStructure, build_lattice
 
@@ -94,7 +95,7 @@ def numba_splat_chunks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 # --- crfasrnn::lattice_build ----------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crfasrnn::lattice_build", mutates_args=())
+@operator("lattice_build(Tensor points, str backend) -> Tensor[]")
 def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
     """Build the lattice of (B, N, d) contiguous points (already scaled by the bandwidths); see :data:`FIELDS`."""
     points = points.contiguous()
@@ -114,7 +115,7 @@ def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
     return tensors
 
 
-@_lattice_build.register_fake
+@torch.library.register_fake("crfasrnn::lattice_build")
 def _(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
     b, n, d = points.shape
     num = b * n
@@ -146,7 +147,8 @@ def build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
 # --- crfasrnn::lattice_filter ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("crfasrnn::lattice_filter", mutates_args=())
+@operator("lattice_filter(Tensor values, Tensor[] lattice, bool reverse, bool pre_normalize, bool post_normalize) "
+          "-> Tensor")
 def _lattice_filter(
     values: torch.Tensor, lattice: list[torch.Tensor], reverse: bool, pre_normalize: bool, post_normalize: bool
 ) -> torch.Tensor:
@@ -154,7 +156,7 @@ def _lattice_filter(
     return filter_tensors(lattice, values, reverse, pre_normalize, post_normalize)
 
 
-@_lattice_filter.register_fake
+@torch.library.register_fake("crfasrnn::lattice_filter")
 def _(values, lattice, reverse, pre_normalize, post_normalize):
     return torch.empty_like(values, memory_format=torch.contiguous_format)
 
@@ -173,4 +175,4 @@ def _filter_backward(ctx, grad):
     return grad_values, [None] * len(ctx.saved_tensors), None, None, None
 
 
-_lattice_filter.register_autograd(_filter_backward, setup_context=_filter_setup)
+torch.library.register_autograd("crfasrnn::lattice_filter", _filter_backward, setup_context=_filter_setup)

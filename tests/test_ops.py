@@ -61,15 +61,46 @@ def test_opcheck_every_operator(device, backend, dtype):
     unary = torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)
     dense = [torch.randn(4, 4, generator=g, dtype=dtype).to(device).requires_grad_(True) for _ in range(2)]
     potts = [(s * torch.eye(4, dtype=dtype, device=device)).requires_grad_(True) for s in (-3.0, -5.0)]
-    for a_s, a_b in (dense, potts):
-        opcheck(torch.ops.crfasrnn.mean_field.default, (unary, spatial, bilateral, a_s, a_b, 3, True))
-        opcheck(torch.ops.crfasrnn.mean_field.default, (unary.detach(), spatial, bilateral, a_s.detach(),
-                                                        a_b.detach(), 2, False))
-        _, probs = torch.ops.crfasrnn.mean_field(unary, spatial, bilateral, a_s, a_b, 3, True)
+    single = [torch.randn(4, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)]
+    three = dense + [(-2.0 * torch.eye(4, dtype=dtype, device=device)).requires_grad_(True)]
+    for mixing, lattices in ((dense, spatial + bilateral), (potts, spatial + bilateral), (single, bilateral),
+                             (three, spatial + bilateral + bilateral)):
+        opcheck(torch.ops.crfasrnn.mean_field.default, (unary, lattices, mixing, 3, True))
+        opcheck(torch.ops.crfasrnn.mean_field.default, (unary.detach(), lattices, [a.detach() for a in mixing], 2,
+                                                        False))
+        _, probs = torch.ops.crfasrnn.mean_field(unary, lattices, mixing, 3, True)
         grad = torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device)
-        for needs in [(True, True, True), (True, False, False), (False, True, False)]:
+        k = len(mixing)
+        for needs in [(True, [True] * k), (True, [False] * k), (False, [True] + [False] * (k - 1))]:
             opcheck(torch.ops.crfasrnn.mean_field_backward.default,
-                    (grad, probs.detach(), spatial, bilateral, a_s.detach(), a_b.detach(), *needs))
+                    (grad, probs.detach(), lattices, [a.detach() for a in mixing], *needs))
+
+
+@pytest.mark.parametrize("num_kernels", [1, 3])
+def test_mean_field_with_any_number_of_kernels_matches_a_brute_force_loop(num_kernels):
+    """The operator with one or three kernels equals the iterations written out with the lattice's differentiable
+    filter (``filter_points``), in value and in the gradients of the unary and of every mixing matrix."""
+    g = torch.Generator().manual_seed(4)
+    n, c = 25, 3
+    features = [torch.rand(1, n, d, generator=g, dtype=torch.float64) * 3 for d in (2, 3, 4)][:num_kernels]
+    lattices = [lattice_ops.build(f, BACKENDS[0]) for f in features]
+    mixing = [torch.randn(c, c, generator=g, dtype=torch.float64).requires_grad_(True) for _ in features]
+    unary = torch.randn(1, n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    q, _ = torch.ops.crfasrnn.mean_field(unary, [t for lat in lattices for t in lat], mixing, 3, True)
+    # the reference: the same lattices' normalised filterings, as differentiable torch operations
+    from crfasrnn import PermutohedralLattice
+
+    kernels = [PermutohedralLattice.from_tensors(lat, n) for lat in lattices]
+    want = unary
+    for _ in range(3):
+        p = torch.softmax(want, dim=-1)
+        want = unary - sum(k.filter_points(p, normalize=True) @ a for k, a in zip(kernels, mixing))
+    torch.testing.assert_close(q, want, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((q * weights).sum(), [unary, *mixing])
+    want = torch.autograd.grad((want * weights).sum(), [unary, *mixing])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 # --- torch.compile and torch.export --------------------------------------------------------------------------------

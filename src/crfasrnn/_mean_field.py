@@ -1,14 +1,15 @@
 """Mean-field inference of a dense CRF as ``torch.library`` operators: ``crfasrnn::mean_field`` and its backward.
 
-``crfasrnn::mean_field`` runs T iterations ``p_t = softmax(q_{t-1})``, ``q_t = u − (n_s ⊙ K_s p_t) A_s − (n_b ⊙ K_b
-p_t) A_b`` from ``q_0 = u`` over (B, N, C) scores in point layout, with two built lattices (their tensors, see
-:mod:`crfasrnn.lattice._ops`) and two (C, C) mixing matrices ``A``. Where gradients are wanted it also returns every
-iteration's probabilities — what its backward operator, ``crfasrnn::mean_field_backward``, needs and all it needs: the
-two are joined with ``register_autograd``, and both have fake kernels, so ``torch.compile`` and ``torch.export`` see two
-opaque nodes and never trace into the compiled loops.
+``crfasrnn::mean_field`` runs T iterations ``p_t = softmax(q_{t-1})``, ``q_t = u − Σ_k (n_k ⊙ K_k p_t) A_k`` from
+``q_0 = u`` over (B, N, C) scores in point layout, for any number of kernels k: each a built lattice (its tensors, see
+:mod:`crfasrnn.lattice._ops`; the lattices are passed as one flat list, :data:`~crfasrnn.lattice._ops.FIELDS` tensors
+each) and a (C, C) mixing matrix ``A_k`` (for CRF-RNN, ``A = (M W)ᵀ`` with compatibility M and kernel weights W). Where
+gradients are wanted it also returns every iteration's probabilities — what its backward operator,
+``crfasrnn::mean_field_backward``, needs and all it needs: the two are joined with ``register_autograd``, and both
+have fake kernels, so ``torch.compile`` and ``torch.export`` see opaque nodes and never trace into the compiled loops.
 
-Diagonal matrices (the Potts-like models of a fresh layer) are applied as per-class scales in one fused pass; the
-operators find out themselves (a host-side test inside the kernel, so the caller never syncs).
+Diagonal matrices (the Potts-like models of a fresh layer) are applied as per-class scales, in one fused pass for two
+kernels on the CPU; the operators find out themselves (a host-side test inside the kernel, so the caller never syncs).
 
 The operators compute in the dtype they are given (float32 or float64); :func:`crfasrnn.crf.crf_rnn` casts.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from ._library import operator
 from .lattice import PermutohedralLattice, filter_each, filter_sum, values_buffer
+from .lattice._ops import FIELDS
 
 try:  # numba is optional: torch operations are used without it
     from . import _crf_numba
@@ -29,94 +31,83 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
 __all__ = ["mean_field", "mean_field_backward"]
 
 
-def _lattices(spatial, bilateral, num_points):
-    return PermutohedralLattice.from_tensors(spatial, num_points), PermutohedralLattice.from_tensors(bilateral, num_points)
+def _lattices(tensors, mixing, num_points) -> list[PermutohedralLattice]:
+    size = len(FIELDS)
+    if len(tensors) != size * len(mixing) or not mixing:
+        raise ValueError(f"mean field needs {size} lattice tensors per mixing matrix and at least one kernel, got "
+                         f"{len(tensors)} tensors and {len(mixing)} matrices")
+    return [PermutohedralLattice.from_tensors(tensors[k * size:(k + 1) * size], num_points) for k in range(len(mixing))]
 
 
-@operator("mean_field(Tensor unary, Tensor[] spatial, Tensor[] bilateral, Tensor a_s, Tensor a_b, int num_iterations, "
-          "bool save_probs) -> (Tensor, Tensor)")
+@operator("mean_field(Tensor unary, Tensor[] lattices, Tensor[] mixing, int num_iterations, bool save_probs) "
+          "-> (Tensor, Tensor)")
 def mean_field(
-    unary: torch.Tensor,
-    spatial: list[torch.Tensor],
-    bilateral: list[torch.Tensor],
-    a_s: torch.Tensor,
-    a_b: torch.Tensor,
-    num_iterations: int,
+    unary: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor], num_iterations: int,
     save_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean field over (B, N, C) unary scores; returns the scores q_T (B, N, C) and, where ``save_probs``, every
     iteration's probabilities (T, B·N, C) (else an empty tensor)."""
     batch, n, c = unary.shape
-    u = unary.reshape(batch * n, c).contiguous()
-    lat_s, lat_b = _lattices(spatial, bilateral, n)
-    diagonal = _is_diagonal(a_s) and _is_diagonal(a_b)
-    f_s, f_b = (a_s.diagonal(), a_b.diagonal()) if diagonal else (a_s, a_b)
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1 in the operator, got {num_iterations}")
+    u = unary.reshape(batch * n, c).contiguous()
+    kernels = _lattices(lattices, mixing, n)
+    factors = _factors(mixing)
     if save_probs:
-        q, probs = _forward_saving(u, f_s, f_b, lat_s, lat_b, batch, num_iterations)
+        q, probs = _forward_saving(u, factors, kernels, batch, num_iterations)
     else:
-        q, probs = _mean_field_inference(u, lat_s, lat_b, f_s, f_b, num_iterations, batch), u.new_empty(0)
+        q, probs = _mean_field_inference(u, kernels, factors, num_iterations, batch), u.new_empty(0)
     return q.view(batch, n, c), probs
 
 
 @torch.library.register_fake("crfasrnn::mean_field")
-def _(unary, spatial, bilateral, a_s, a_b, num_iterations, save_probs):
+def _(unary, lattices, mixing, num_iterations, save_probs):
     b, n, c = unary.shape
     probs = unary.new_empty((num_iterations, b * n, c) if save_probs else (0,))
     return torch.empty_like(unary, memory_format=torch.contiguous_format), probs
 
 
-@operator("mean_field_backward(Tensor grad, Tensor probs, Tensor[] spatial, Tensor[] bilateral, Tensor a_s, Tensor a_b, "
-          "bool need_unary, bool need_a_s, bool need_a_b) -> (Tensor, Tensor, Tensor)")
+@operator("mean_field_backward(Tensor grad, Tensor probs, Tensor[] lattices, Tensor[] mixing, bool need_unary, "
+          "bool[] need_mixing) -> (Tensor, Tensor[])")
 def mean_field_backward(
-    grad: torch.Tensor,
-    probs: torch.Tensor,
-    spatial: list[torch.Tensor],
-    bilateral: list[torch.Tensor],
-    a_s: torch.Tensor,
-    a_b: torch.Tensor,
-    need_unary: bool,
-    need_a_s: bool,
-    need_a_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`mean_field`'s scores with respect to the unary (B, N, C) and the two (C, C) matrices;
+    grad: torch.Tensor, probs: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor],
+    need_unary: bool, need_mixing: list[bool],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The gradients of :func:`mean_field`'s scores with respect to the unary (B, N, C) and each (C, C) mixing matrix;
     those not needed are empty tensors."""
     if probs.numel() == 0:
         raise RuntimeError("crfasrnn::mean_field_backward needs the probabilities of a forward run with save_probs=True")
     batch, n, c = grad.shape
-    lat_s, lat_b = _lattices(spatial, bilateral, n)
-    diagonal = _is_diagonal(a_s) and _is_diagonal(a_b)
-    grad_u, grad_s, grad_b = _backward(grad.reshape(batch * n, c), probs, a_s, a_b, (lat_s, lat_b), batch, diagonal,
-                                       (need_unary, need_a_s, need_a_b))
-    empty = grad.new_empty(0)
-    return (empty if grad_u is None else grad_u.view(batch, n, c), empty if grad_s is None else grad_s,
-            empty.clone() if grad_b is None else grad_b)
+    kernels = _lattices(lattices, mixing, n)
+    grad_u, grads = _backward(grad.reshape(batch * n, c), probs, mixing, kernels, batch, need_unary, need_mixing)
+    return (grad.new_empty(0) if grad_u is None else grad_u.view(batch, n, c),
+            [grad.new_empty(0) if g is None else g for g in grads])
 
 
 @torch.library.register_fake("crfasrnn::mean_field_backward")
-def _(grad, probs, spatial, bilateral, a_s, a_b, need_unary, need_a_s, need_a_b):
+def _(grad, probs, lattices, mixing, need_unary, need_mixing):
     def maybe(need, like):
         return torch.empty_like(like, memory_format=torch.contiguous_format) if need else grad.new_empty(0)
 
-    return maybe(need_unary, grad), maybe(need_a_s, a_s), maybe(need_a_b, a_b)
+    return maybe(need_unary, grad), [maybe(need, a) for need, a in zip(need_mixing, mixing)]
 
 
 def _setup(ctx, inputs, output):
-    unary, spatial, bilateral, a_s, a_b, num_iterations, save_probs = inputs
-    ctx.save_for_backward(output[1], a_s, a_b, *spatial, *bilateral)
-    ctx.num_lattice = (len(spatial), len(bilateral))
+    unary, lattices, mixing, num_iterations, save_probs = inputs
+    ctx.save_for_backward(output[1], *mixing, *lattices)
+    ctx.num_kernels = len(mixing)
 
 
 def _autograd_backward(ctx, grad_q, grad_probs):
-    probs, a_s, a_b, *lattices = ctx.saved_tensors
-    ns, nb = ctx.num_lattice
-    spatial, bilateral = lattices[:ns], lattices[ns:ns + nb]
-    need_u, _, _, need_s, need_b = ctx.needs_input_grad[:5]
-    grad_u, grad_s, grad_b = torch.ops.crfasrnn.mean_field_backward(
-        grad_q.contiguous(), probs, spatial, bilateral, a_s, a_b, bool(need_u), bool(need_s), bool(need_b))
-    return (grad_u if need_u else None, [None] * ns, [None] * nb, grad_s if need_s else None,
-            grad_b if need_b else None, None, None)
+    probs, *rest = ctx.saved_tensors
+    k = ctx.num_kernels
+    mixing, lattices = rest[:k], rest[k:]
+    need_u, _, need_mixing = ctx.needs_input_grad[:3]
+    need_mixing = [bool(x) for x in need_mixing]
+    grad_u, grads = torch.ops.crfasrnn.mean_field_backward(grad_q.contiguous(), probs, lattices, mixing, bool(need_u),
+                                                           need_mixing)
+    return (grad_u if need_u else None, [None] * len(lattices), [g if need else None for g, need in
+                                                                 zip(grads, need_mixing)], None, None)
 
 
 torch.library.register_autograd("crfasrnn::mean_field", _autograd_backward, setup_context=_setup)
@@ -131,7 +122,12 @@ torch.library.register_autograd("crfasrnn::mean_field_backward", _no_second_deri
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-def _forward_saving(u, f_s, f_b, spatial, bilateral, batch, num_iterations):
+def _factors(mixing):
+    """The mixing matrices, or their diagonals where all are diagonal (applied as per-class scales)."""
+    return [a.diagonal() for a in mixing] if all(_is_diagonal(a) for a in mixing) else list(mixing)
+
+
+def _forward_saving(u, factors, kernels, batch, num_iterations):
     """The iterations, keeping every iteration's probabilities (what backward needs) in one block allocated up front:
     one large mapping that goes back to the system when freed, instead of a heap fragmented by tensor-sized blocks."""
     probs = torch.empty((num_iterations, *u.shape), dtype=u.dtype, device=u.device)
@@ -139,53 +135,47 @@ def _forward_saving(u, f_s, f_b, spatial, bilateral, batch, num_iterations):
     _softmax_into(u, probs[0])
     for t in range(num_iterations):  # each pass also writes the next iteration's probabilities
         last = t == num_iterations - 1
-        _filter_and_update(probs[t], u, f_s, f_b, spatial, bilateral, batch, q=q,
-                           softmax_out=None if last else probs[t + 1])
+        _filter_and_update(probs[t], u, factors, kernels, batch, q=q, softmax_out=None if last else probs[t + 1])
     return q, probs
 
 
-def _backward(grad, probs, a_s, a_b, lattices, batch, diagonal, needs):
-    """All the iterations' backward, for (B·N, C) ``grad``: with ``r = Kᵀ (n ⊙ G)`` (one transposed filtering per
-    kernel), ``∂L/∂p = −(r_s A_sᵀ + r_b A_bᵀ)`` and ``∂L/∂A = −pᵀ r`` (channel mixing commutes with the per-channel
+def _backward(grad, probs, mixing, kernels, batch, need_u, need_mixing):
+    """All the iterations' backward, for (B·N, C) ``grad``: with ``r_k = K_kᵀ (n_k ⊙ G)`` (one transposed filtering
+    per kernel), ``∂L/∂p = −Σ_k r_k A_kᵀ`` and ``∂L/∂A_k = −pᵀ r_k`` (channel mixing commutes with the per-channel
     filter), ``∂L/∂u = Σ_t G_t`` and, through the softmax, ``G_{t-1} = p ⊙ (∂L/∂p − Σ_c p ⊙ ∂L/∂p)``. Buffers are
     reused across the iterations and the unary's gradient (one term per iteration) is summed in place."""
-    need_u, need_s, need_b = needs
     c = grad.shape[1]
     shape = (batch, -1, c)
     grad_u = grad.contiguous().clone() if need_u else None
     g = values_buffer(batch, grad.shape[0] // batch, c, like=grad).view(-1, c)  # read by the filters
     g.copy_(grad)
-    r = (grad.new_empty(grad.shape), grad.new_empty(grad.shape))  # r_s, r_b (contiguous)
-    grads_a = [a_s.new_zeros((c, c)) if need else None for need in (need_s, need_b)]  # pᵀ r, negated at the end
-    if diagonal:  # ∂L/∂p = r_s ⊙ f_s + r_b ⊙ f_b
-        factors, neg_a_t = -torch.stack([a_s.diagonal(), a_b.diagonal()]), None
-    else:  # ∂L/∂p = −(r_s A_sᵀ + r_b A_bᵀ)
-        factors, neg_a_t = None, (-a_s.t(), -a_b.t())
+    r = [grad.new_empty(grad.shape) for _ in kernels]  # r_k (contiguous)
+    grads_a = [a.new_zeros((c, c)) if need else None for a, need in zip(mixing, need_mixing)]  # pᵀ r, negated at the end
+    diagonal = all(_is_diagonal(a) for a in mixing)
+    if diagonal:  # ∂L/∂p = Σ_k r_k ⊙ f_k
+        factors, neg_a_t = -torch.stack([a.diagonal() for a in mixing]), None
+    else:  # ∂L/∂p = −Σ_k r_k A_kᵀ
+        factors, neg_a_t = None, [-a.t() for a in mixing]
     for t in range(probs.shape[0] - 1, -1, -1):
         p = probs[t]
-        # r = Kᵀ (n ⊙ G) for both kernels: the messages' gradients are −r
-        filter_each(g.view(shape), lattices, normalize=True, transpose=True, out=[x.view(shape) for x in r])
+        # r_k = K_kᵀ (n_k ⊙ G) for every kernel: the messages' gradients are −r_k
+        filter_each(g.view(shape), kernels, normalize=True, transpose=True, out=[x.view(shape) for x in r])
         for ga, rk in zip(grads_a, r):
             if ga is not None:
                 ga.addmm_(p.t(), rk)
-        grad_p = None if neg_a_t is None else torch.mm(r[0], neg_a_t[0]).addmm_(r[1], neg_a_t[1])
+        grad_p = None
+        if neg_a_t is not None:
+            grad_p = torch.mm(r[0], neg_a_t[0])
+            for rk, na in zip(r[1:], neg_a_t[1:]):
+                grad_p.addmm_(rk, na)
         _softmax_backward_into(p, g, grad_u, grad_p=grad_p, r=r, factors=factors)  # G_{t-1}, and u's share
-    grads_a = [None if ga is None else ga.neg_() for ga in grads_a]
-    return grad_u, grads_a[0], grads_a[1]
+    return grad_u, [None if ga is None else ga.neg_() for ga in grads_a]
 
 
-def _mean_field_inference(
-    u: torch.Tensor,
-    spatial: PermutohedralLattice,
-    bilateral: PermutohedralLattice,
-    a_s: torch.Tensor,
-    a_b: torch.Tensor,
-    num_iterations: int,
-    batch: int,
-) -> torch.Tensor:
+def _mean_field_inference(u, kernels, factors, num_iterations: int, batch: int) -> torch.Tensor:
     """The iterations without autograd, in two buffers reused by every iteration.
 
-    Same arithmetic as the differentiable loop. One pass per iteration slices both messages, mixes them into the
+    Same arithmetic as the differentiable loop. One pass per iteration slices the messages, mixes them into the
     scores and writes the scores' softmax over ``p`` (the splats have read ``p`` by then) for the next iteration;
     only the last iteration stores the scores. Reusing the buffers matters on CPU: fresh tensors of tens of megabytes
     come from the operating system page by page, and at 1000×750 that costs more than the filtering.
@@ -195,20 +185,20 @@ def _mean_field_inference(
     _softmax_into(u, p)
     for t in range(num_iterations):
         last = t == num_iterations - 1
-        _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, q=q, softmax_out=None if last else p)
+        _filter_and_update(p, u, factors, kernels, batch, q=q, softmax_out=None if last else p)
     return q
 
 
-def _filter_and_update(p, u, a_s, a_b, spatial, bilateral, batch, *, q, softmax_out=None):
-    """One mean-field step after the softmax, without autograd: ``q = u − (n_s ⊙ K_s p) A_s − (n_b ⊙ K_b p) A_b``.
+def _filter_and_update(p, u, factors, kernels, batch, *, q, softmax_out=None):
+    """One mean-field step after the softmax, without autograd: ``q = u − Σ_k (n_k ⊙ K_k p) A_k``.
 
-    ``A`` are (C, C) matrices or (C,) per-class scales; both messages are sliced and mixed in one pass where the back
-    end can (see :func:`~crfasrnn.lattice.filter_sum`). ``q`` receives the result and is returned; where
+    ``A_k`` are (C, C) matrices or (C,) per-class scales; two kernels' messages are sliced and mixed in one pass where
+    the back end can (see :func:`~crfasrnn.lattice.filter_sum`). ``q`` receives the result and is returned; where
     ``softmax_out`` (which may be ``p``) is given, it receives ``softmax(q)`` instead and ``q`` is not stored.
     """
     points = p.view(batch, -1, p.shape[1])
     soft = None if softmax_out is None else softmax_out.view(points.shape)
-    filter_sum(points, (spatial, bilateral), (-a_s, -a_b), base=u.view(points.shape), out=q.view(points.shape),
+    filter_sum(points, kernels, [-f for f in factors], base=u.view(points.shape), out=q.view(points.shape),
                softmax_out=soft, keep_sum=soft is None)
     return q
 
@@ -227,11 +217,16 @@ def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
 def _softmax_backward_into(p, g_out, grad_u, *, grad_p=None, r=None, factors=None) -> None:
     """``g_out = p ⊙ (d − Σ_c p ⊙ d)`` (the gradient through ``p = softmax(q, dim=1)``) and ``grad_u += g_out``.
 
-    ``d`` is ``grad_p``, or ``r[0] ⊙ factors[0] + r[1] ⊙ factors[1]``; ``grad_u`` may be None. On the CPU with
-    numba, one compiled pass; otherwise torch operations.
+    ``d`` is ``grad_p``, or ``Σ_k r[k] ⊙ factors[k]`` for (K, C) factors; ``grad_u`` may be None. On the CPU with
+    numba, one compiled pass (which forms ``d`` itself for two kernels); otherwise torch operations.
     """
+    if grad_p is None and len(r) != 2:
+        grad_p = torch.mul(r[0], factors[0])
+        for rk, fk in zip(r[1:], factors[1:]):
+            grad_p.addcmul_(rk, fk)
     if _crf_numba is not None and p.device.type == "cpu":
-        _crf_numba.softmax_backward(p, g_out, grad_u, grad_p=grad_p, r=r, factors=factors)
+        pair = None if grad_p is not None else (r[0], r[1])
+        _crf_numba.softmax_backward(p, g_out, grad_u, grad_p=grad_p, r=pair, factors=None if pair is None else factors)
         return
     if grad_p is None:
         grad_p = torch.mul(r[0], factors[0]).addcmul_(r[1], factors[1])

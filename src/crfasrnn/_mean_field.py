@@ -96,6 +96,10 @@ def _setup(ctx, inputs, output):
     unary, lattices, mixing, num_iterations, save_probs = inputs
     ctx.save_for_backward(output[1], *mixing, *lattices)
     ctx.num_kernels = len(mixing)
+    # the probabilities are for backward only: no gradient flows into them, and none is made up (a zero tensor of
+    # T·B·N·C values) for backward
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grad_q, grad_probs):

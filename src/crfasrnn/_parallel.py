@@ -62,10 +62,9 @@ def _preload_tbb() -> bool:
 
 
 def _configure() -> None:
-    if "NUMBA_THREADING_LAYER" in os.environ:  # the user's explicit choice wins
-        return
-    _preload_tbb()
-    numba.config.THREADING_LAYER = "forksafe"  # TBB if it loads, else workqueue (never GNU OpenMP)
+    _preload_tbb()  # also where the user asks for TBB themselves
+    if "NUMBA_THREADING_LAYER" not in os.environ:  # the user's explicit choice wins
+        numba.config.THREADING_LAYER = "forksafe"  # TBB if it loads, else workqueue (never GNU OpenMP)
 
 
 def _after_fork_in_child() -> None:

@@ -151,7 +151,8 @@ def test_compile_in_a_fresh_process_with_an_empty_numba_cache(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
     script = tmp_path / "compile_check.py"
     script.write_text(_COMPILE_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(report) == {f"{m}-{s}" for m in ("default", "fullgraph") for s in ("20x28", "33x17")}

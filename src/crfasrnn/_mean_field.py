@@ -93,7 +93,7 @@ def _(grad, probs, lattices, mixing, need_unary, need_mixing):
 
 
 def _setup(ctx, inputs, output):
-    unary, lattices, mixing, num_iterations, save_probs = inputs
+    _, lattices, mixing, _, _ = inputs
     ctx.save_for_backward(output[1], *mixing, *lattices)
     ctx.num_kernels = len(mixing)
     # the probabilities are for backward only: no gradient flows into them, and none is made up (a zero tensor of

@@ -28,7 +28,7 @@ try:  # numba is optional: the torch path is used without it
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     _numba = None
 
-__all__ = ["FIELDS", "build", "filter_tensors", "is_numba", "structure", "numba_splat_chunks"]
+__all__ = ["FIELDS", "NORMALISER_EPS", "build", "filter_flat", "filter_tensors", "is_numba", "structure"]
 
 #: The tensors of a built lattice over P points with d features, in order (M: the number of vertices).
 FIELDS = (
@@ -85,11 +85,6 @@ def filter_tensors(tensors, values, reverse, pre_normalize, post_normalize, out=
         return result.contiguous() if out is None else out.copy_(result)
     flat_out = None if out is None else out.view(b * n, c)
     return filter_flat(tensors, values.reshape(b * n, c), reverse, pre, post, flat_out).view(b, n, c)
-
-
-def numba_splat_chunks(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The splat's work-item bounds of a numba lattice (for tests)."""
-    return tensors[7]
 
 
 # --- crfasrnn::lattice_build ----------------------------------------------------------------------------------------
@@ -162,7 +157,7 @@ def _(values, lattice, reverse, pre_normalize, post_normalize):
 
 
 def _filter_setup(ctx, inputs, output):
-    values, lattice, reverse, pre_normalize, post_normalize = inputs
+    _, lattice, reverse, pre_normalize, post_normalize = inputs
     ctx.save_for_backward(*lattice)
     ctx.flags = (reverse, pre_normalize, post_normalize)
 

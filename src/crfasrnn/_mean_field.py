@@ -108,6 +108,8 @@ def _autograd_backward(ctx, grad_q, grad_probs):
     mixing, lattices = rest[:k], rest[k:]
     need_u, _, need_mixing = ctx.needs_input_grad[:3]
     need_mixing = [bool(x) for x in need_mixing]
+    if grad_q is None:  # no gradient reached the scores (grads are not materialised): none flows back
+        return None, [None] * len(lattices), [None] * k, None, None
     grad_u, grads = torch.ops.crfasrnn.mean_field_backward(grad_q.contiguous(), probs, lattices, mixing, bool(need_u),
                                                            need_mixing)
     return (grad_u if need_u else None, [None] * len(lattices), [g if need else None for g, need in

@@ -357,3 +357,34 @@ def test_crf_rnn_functional_matches_the_module():
     crf = CrfRnn(4, 3)
     got = crf_rnn(unary, image, crf.spatial_weights, crf.bilateral_weights, crf.compatibility, num_iterations=3)
     assert torch.equal(got, crf(unary, image))
+
+
+_WORKQUEUE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    from crfasrnn import CrfRnn, _parallel
+
+    crf = CrfRnn(4, 3)
+    g = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(1, 4, 40, 50, generator=g), torch.rand(1, 3, 40, 50, generator=g) * 255) for _ in range(4)]
+    with torch.no_grad():
+        serial = [crf(u, im) for u, im in inputs]
+        with ThreadPoolExecutor(4) as pool:  # four threads launching kernels at once
+            threaded = list(pool.map(lambda x: crf(*x), inputs * 3))
+    assert all(torch.equal(a, serial[i % 4]) for i, a in enumerate(threaded))
+    print(_parallel.threading_layer())
+    """
+)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+def test_the_workqueue_fallback_is_safe_from_several_threads():
+    """Without TBB, numba's workqueue layer aborts the process when two threads launch kernels at once; the kernel
+    launches are serialised there, so threads get the serial results."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    proc = subprocess.run([sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "workqueue"

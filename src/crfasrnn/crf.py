@@ -23,6 +23,7 @@ from torch import nn
 
 from . import _mean_field  # noqa: F401  (registers crfasrnn::mean_field)
 from .lattice import _ops as _lattice_ops
+from .lattice._build import max_feature_magnitude
 from .lattice import all_finite, numba_available
 
 __all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features", "set_finite_check"]
@@ -230,8 +231,17 @@ def _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, nu
     out_dtype = dtype if autocast else unary.dtype
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         b, c, h, w = unary.shape
+        _check_bandwidths(h, w, theta_alpha, theta_gamma, dtype)
         features = bilateral_features(image.detach().to(dtype), theta_alpha, theta_beta)
-        bilateral = _lattice_ops.build(features.permute(0, 2, 3, 1).reshape(b, h * w, 5).contiguous(), backend)
+        points = features.permute(0, 2, 3, 1).reshape(b, h * w, 5).contiguous()
+        if torch.compiler.is_compiling():
+            bilateral = _lattice_ops.build(points, backend)
+        else:
+            try:
+                bilateral = _lattice_ops.build(points, backend)
+            except ValueError as error:  # the colours' part of the features: name the bandwidth
+                raise ValueError(f"bilateral kernel (theta_alpha={theta_alpha:g}, theta_beta={theta_beta:g}): "
+                                 f"{error}") from None
         if torch.compiler.is_compiling():  # built in the graph; eagerly, kept per size (as Caffe does at set-up)
             spatial = _build_spatial(h, w, theta_gamma, unary.device, dtype, backend)
         else:
@@ -246,6 +256,22 @@ def _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, nu
         save = torch.is_grad_enabled() and (u.requires_grad or a_s.requires_grad or a_b.requires_grad)
         q, _ = torch.ops.crfasrnn.mean_field(u, [*spatial, *bilateral], [a_s, a_b], num_iterations, save)
         return q.view(b, h, w, c).permute(0, 3, 1, 2).contiguous().to(out_dtype)
+
+
+def _check_bandwidths(height: int, width: int, theta_alpha: float, theta_gamma: float, dtype: torch.dtype) -> None:
+    """The positions' part of the features is known from the size alone: refuse bandwidths too small for it (no sync),
+    naming them, before any lattice is built."""
+    extent = max(height, width) - 1
+    for name, theta, d in (("theta_gamma", theta_gamma, 2), ("theta_alpha", theta_alpha, 5)):
+        limit = max_feature_magnitude(d, dtype)
+        if extent / theta > limit:
+            kernel = "spatial" if d == 2 else "bilateral"
+            raise ValueError(
+                f"{name}={theta:g} is too small for a {height}x{width} image: the {kernel} kernel's positions would "
+                f"reach {extent / theta:.3g} bandwidths, beyond the {limit:.3g} its lattice handles; the lattice "
+                f"would have up to {height * width * (d + 1):,} vertices per image, one simplex per pixel, and the "
+                f"kernel would be nearly the identity. Use {name} >= {extent / limit:.3g}"
+            )
 
 
 def _build_spatial(height, width, theta_gamma, device, dtype, backend):

@@ -54,6 +54,8 @@ __all__ = [
 
 Backend = Literal["auto", "torch", "numba"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN or Inf (one reduction pass, no tensor-sized temporary)."""
@@ -139,6 +141,9 @@ class PermutohedralLattice:
     Args:
         features: (B, d, H, W) floating tensor of per-pixel feature vectors, already divided by the bandwidths (the
             lattice approximates a Gaussian of standard deviation 1 in feature space). Not differentiated.
+            float16 and bfloat16 features are converted to float32 (the lattice's arithmetic needs its precision);
+            half values given to :meth:`filter` and :meth:`filter_points` are then filtered in float32 and returned
+            in their dtype.
         backend: ``"auto"`` (numba on CPU where installed, torch otherwise), ``"torch"`` or ``"numba"`` (CPU only).
 
     Shape:
@@ -164,14 +169,14 @@ class PermutohedralLattice:
         batch, d, height, width = features.shape
         if batch < 1 or d < 1 or height < 1 or width < 1:
             raise ValueError(f"features must have B, d, H, W >= 1, got shape {tuple(features.shape)}")
-        if not all_finite(features):
-            raise ValueError("features contain NaN or Inf")
         if backend not in ("auto", "torch", "numba"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
         if backend == "numba" and (_numba is None or features.device.type != "cpu"):
             raise ValueError("the numba back end needs numba installed and features on the CPU")
         if backend == "auto":
             backend = "numba" if (_numba is not None and features.device.type == "cpu") else "torch"
+        if features.dtype in _HALF:
+            features = features.float()
         points = features.detach().permute(0, 2, 3, 1).reshape(batch, height * width, d).contiguous()
         self._init(_ops.build(points, backend), height * width)
         self.size = (height, width)
@@ -303,6 +308,8 @@ class PermutohedralLattice:
     ) -> torch.Tensor:
         """``n^post ⊙ K (n^pre ⊙ values)`` for the public method ``name``: differentiable (the ``crfasrnn::lattice_filter``
         operator), or into ``out`` without autograd."""
+        if out is None and values.dtype in _HALF and self.dtype == torch.float32:  # computed in float32
+            return self._filter_checked(name, values.float(), reverse, pre, post, None).to(values.dtype)
         self._check_points(values)
         if out is None:
             return torch.ops.crfasrnn.lattice_filter(values, self._tensors, reverse, pre, post)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LatticeStructure", "build_lattice", "scale_factors"]
+__all__ = ["LatticeStructure", "build_lattice", "check_extent", "max_feature_magnitude", "scale_factors", "span_error"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,55 @@ def scale_factors(d: int) -> list[float]:
     """
     inv_std_dev = _to_float32(math.sqrt(2.0 / 3.0) * (d + 1))
     return [_to_float32(1.0 / math.sqrt((k + 2) * (k + 1)) * inv_std_dev) for k in range(d)]
+
+
+def max_feature_magnitude(d: int, dtype: torch.dtype) -> float:
+    """The largest feature magnitude (in units of the bandwidth) a lattice over d features handles in ``dtype``.
+
+    The simplex of a point comes from its d+1 elevated coordinates, which sum to zero, each rounded to a multiple of
+    d+1; the sum of those multiples enters every rank, and the algorithm corrects it by one step of d+1. The
+    coordinates' rounding errors (about d ulps of the largest, E) move that sum by d·ulp(E)/(d+1): beyond (d+1)/2 of
+    it, a rank leaves [0, d] and the simplex is no simplex (the reference would index outside its arrays). With
+    ``ulp(E) = E·2^-23`` in float32 that is ``E < 2^22 (d+1)² / d``; the limit keeps a factor of 8 below it. In float64
+    the limit is 2^40, far inside the int64 range the vertex codes need. An elevated coordinate is at most
+    ``2d · max_k(s_k |f_k|)`` for the per-axis scale factors s_k (:func:`scale_factors`).
+    """
+    elevated = 2.0**40 if dtype == torch.float64 else 2.0**19 * (d + 1) ** 2 / d
+    return elevated / (2 * d * max(scale_factors(d)))
+
+
+def check_extent(points: torch.Tensor) -> None:
+    """Refuse (B, N, d) features that the lattice cannot handle, before any kernel runs: NaN or Inf, or magnitudes
+    (features already divided by their bandwidths) beyond :func:`max_feature_magnitude`.
+
+    One reduction over the features (a device synchronisation on CUDA, where the construction syncs anyway).
+    """
+    d = points.shape[-1]
+    flat = points.reshape(-1, d)
+    low, high = torch.aminmax(flat, dim=0)
+    magnitude = torch.maximum(low.abs(), high.abs()).double().cpu()
+    if not bool(torch.isfinite(magnitude).all()):
+        raise ValueError("features contain NaN or Inf")
+    limit = max_feature_magnitude(d, points.dtype)
+    worst = int(magnitude.argmax())
+    if float(magnitude[worst]) > limit:
+        raise ValueError(
+            f"lattice feature {worst} reaches {float(magnitude[worst]):.3g} (features are divided by their bandwidths), "
+            f"beyond the {limit:.3g} the lattice handles in {str(points.dtype).replace('torch.', '')} with {d} features: "
+            f"a bandwidth (theta) far too small for the positions or values, or values far out of their range. Such "
+            f"a lattice would have up to {flat.shape[0] * (d + 1):,} vertices, one simplex per point: the filter "
+            f"would be nearly the identity"
+        )
+
+
+def span_error(spans: list[int], num_points: int, d: int) -> ValueError:
+    """The error for features whose lattice vertices cannot be coded in 64 bits (their spans multiply beyond it)."""
+    return ValueError(
+        f"lattice features span too large a range to index: {' x '.join(str(s) for s in spans)} lattice units over "
+        f"{d} axes, more than 64-bit vertex codes can tell apart (features are divided by their bandwidths; the "
+        f"lattice would have up to {num_points * (d + 1):,} vertices): a bandwidth (theta) far too small, or values "
+        f"far out of their range"
+    )
 
 
 def _to_float32(x: float) -> float:
@@ -136,10 +185,7 @@ def build_lattice(features: torch.Tensor) -> LatticeStructure:
     for s in spans:
         total *= s
     if total >= 2**62:
-        raise ValueError(
-            f"lattice features span too large a range to index (span per axis {spans}); the features are probably "
-            f"scaled by a bandwidth (theta) that is far too small"
-        )
+        raise span_error(spans, batch * num_points, d)
     strides = []
     acc = 1
     for s in reversed(spans):

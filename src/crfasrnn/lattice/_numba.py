@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._parallel import parallel_kernel
-from ._build import scale_factors
+from ._build import scale_factors, span_error
 
 __all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width"]
 
@@ -151,12 +151,14 @@ def _elevation_range(features, scale, consts):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _simplex_codes(features, scale, consts, low, strides, image_stride, points_per_image, codes, weights):  # pragma: no cover - compiled
+def _simplex_codes(features, scale, consts, low, strides, image_stride, points_per_image, codes, weights, bad):  # pragma: no cover - compiled
     """Per point: remainder-0 point, rank, barycentric weights and the integer codes of the d+1 simplex vertices.
 
     SPEC §3.1 steps 3-8; the vertex key ``k`` (d coordinates) is coded as
     ``sum_k (key[k] - low[k]) * strides[k] + image * image_stride``.
     ``consts`` holds, in the features' dtype: [0] = 0, [1] = 1, [2] = 1/(d+1), [3 + j] = j for j = 0..d.
+    A rank that leaves [0, d] after its correction (features beyond what the arithmetic handles; the caller checks
+    their magnitude first) sets ``bad[0]`` and is clamped, so that no write leaves the arrays.
     """
     num_points, d = features.shape
     d1 = d + 1
@@ -194,6 +196,9 @@ def _simplex_codes(features, scale, consts, low, strides, image_stride, points_p
                 elif rank[i] > d:
                     rank[i] -= d1
                     rem0[i] -= d1
+                if rank[i] < 0 or rank[i] > d:
+                    bad[0] = 1
+                    rank[i] = 0
                 rem0f[i] = rem0[i]
             for i in range(d1 + 1):
                 b[i] = zero
@@ -345,14 +350,15 @@ def build_lattice(points: torch.Tensor) -> NumbaLattice:
         strides[k] = acc
         acc *= spans[k]
     if acc * batch >= 2**62:
-        raise ValueError(
-            f"lattice features span too large a range to index (span per axis {spans}); the features are probably "
-            f"scaled by a bandwidth (theta) that is far too small"
-        )
+        raise span_error(spans, batch * num_points, d)
     stride_arr = np.array(strides, dtype=np.int64)
     codes = np.empty((batch * num_points, d + 1), dtype=np.int64)
     weights = np.empty((batch * num_points, d + 1), dtype=dtype)
-    _simplex_codes(feats, scale, consts, low, stride_arr, acc, num_points, codes, weights)
+    bad = np.zeros(1, dtype=np.int64)
+    _simplex_codes(feats, scale, consts, low, stride_arr, acc, num_points, codes, weights, bad)
+    if bad[0]:
+        raise ValueError("lattice features too large in magnitude for the lattice arithmetic in their dtype (a point's "
+                         "simplex could not be found); divide them by larger bandwidths")
 
     offsets = np.empty((batch * num_points, d + 1), dtype=np.int32)
     table_codes, table_ids, unique, bits = _insert_all(codes, offsets)

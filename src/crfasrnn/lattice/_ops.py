@@ -21,7 +21,7 @@ import torch
 
 from .._library import operator
 from . import _torch
-from ._build import LatticeStructure, build_lattice
+from ._build import LatticeStructure, build_lattice, check_extent
 
 try:  # numba is optional: the torch path is used without it
     from . import _numba
@@ -94,6 +94,7 @@ def filter_tensors(tensors, values, reverse, pre_normalize, post_normalize, out=
 def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
     """Build the lattice of (B, N, d) contiguous points (already scaled by the bandwidths); see :data:`FIELDS`."""
     points = points.contiguous()
+    check_extent(points)  # before any compiled code: NaN, Inf, magnitudes the arithmetic cannot handle
     if backend == "numba":
         lat = _numba.build_lattice(points)
         arrays = (lat.offsets, lat.weights, lat.blur_neighbours)

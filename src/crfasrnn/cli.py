@@ -238,11 +238,11 @@ def _segment(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.images)
     names = output_names(paths)
     mine = shard(list(zip(paths, names)), rank, world)
-    out_dir = check_writable_folder(args.output)
     device = args.device
     if device == "cuda" and world > 1 and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    model, info = load_model(weights, num_iterations=args.iterations, device=device)
+    model, info = load_model(weights, num_iterations=args.iterations, device=device)  # before the output folder exists
+    out_dir = check_writable_folder(args.output)
     classes = info.classes
     failures = 0
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
@@ -360,6 +360,12 @@ def _refine(args: argparse.Namespace) -> int:
         gt_prob=args.gt_prob, num_classes=args.num_classes,
     )
     jobs = _refine_jobs(args)
+    from .files import check_output
+
+    for image_path, source, output in jobs:  # the targets first: nothing is computed for an output that cannot be
+        check_output(output, inputs=(image_path, source), suffixes=(".png",))
+        if args.overlay:
+            check_output(output.with_name(f"{output.stem}_overlay.png"), inputs=(image_path, source))
     # First pass: read and check every input (the unary is built, no iteration run) before anything is written.
     for image_path, source, _ in tqdm(jobs, desc="checking", unit="image", disable=len(jobs) < 2):
         _refine_one(args, image_path, source, num_iterations=0, several=len(jobs) > 1)

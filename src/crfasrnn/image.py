@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from .files import atomic_write, check_output
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +140,9 @@ def colorize(labels: np.ndarray, palette: np.ndarray | None = None) -> np.ndarra
 
 
 def _atomic_save(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a PNG atomically (:func:`crfasrnn.files.atomic_write`); the name must end in .png."""
+    check_output(path, suffixes=(".png",))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_label_map(labels: np.ndarray, path: str | os.PathLike) -> None:

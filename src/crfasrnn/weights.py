@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import types
 import zipfile
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .transforms import NETWORK_SIZE, VOC_CLASSES, VOC_MEAN_RGB
 
 logger = logging.getLogger(__name__)
@@ -610,23 +610,8 @@ def load_model(
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_file_mode())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def save_weights(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -86,7 +87,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .data import EvalTransform, open_dataset
     from .evaluate import evaluate_model, evaluate_predictions, plot_class_iou, write_json
+    from .files import check_output
 
+    if args.json:  # before the work: a folder, a device or a wrong extension would only fail at the end
+        check_output(args.json, suffixes=(".json",))
+    if args.plot:
+        check_output(args.plot)
     class_names = None
     if args.classes:
         from pathlib import Path
@@ -397,6 +403,14 @@ def _refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_max_pixels(parser) -> None:
+    from .image import DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"refuse image files of more than N pixels, read from their headers (default: "
+                             f"{DEFAULT_MAX_PIXELS}, 4096x4096; 0: no limit)")
+
+
 def _add_refine_parser(sub) -> None:
     p = sub.add_parser(
         "refine",
@@ -434,6 +448,7 @@ def _add_refine_parser(sub) -> None:
     p.add_argument("--gt-prob", type=float, default=0.7,
                    help="confidence in the given labels, as pydensecrf's unary_from_labels (default: 0.7)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    _add_max_pixels(p)
     p.set_defaults(func=_refine)
 
 
@@ -443,8 +458,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise RuntimeError(f"the web app needs the serve extra: pip install 'crfasrnn[serve]' ({exc})") from None
 
-    if args.max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
     limits = serve.Limits(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_side=args.max_side,
         downscale=not args.refuse_oversize, work_side=args.work_side,
@@ -518,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--max-size", type=int, default=500, help="longest side fed to the network (default: 500)")
     segment.add_argument("--upscale", action="store_true", help="also enlarge images smaller than --max-size")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_max_pixels(segment)
     segment.set_defaults(func=_segment)
     _add_refine_parser(sub)
     _add_serve_parser(sub)
@@ -531,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "max_pixels", None) is not None:
+            from .image import set_max_pixels
+
+            if args.max_pixels < 0:
+                raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
+            set_max_pixels(args.max_pixels or None)
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception's text

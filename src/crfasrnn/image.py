@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,24 @@ def voc_palette(num_entries: int = 256) -> np.ndarray:
     return palette
 
 
+#: The most pixels an image or label map file may have (4096², 16.8 megapixels): the CRF over a 21-class unary
+#: needs about 0.5 KB per pixel, so an 8000x8000 photo would need tens of gigabytes. Read from the file's header,
+#: before decoding. Change it with :func:`set_max_pixels` (``--max-pixels`` on the command line).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+_MAX_PIXELS = [DEFAULT_MAX_PIXELS]
+
+
+def set_max_pixels(limit: int | None) -> int | None:
+    """Set the pixel limit of image files read by this module (None: no limit); returns the previous one."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"the pixel limit must be an integer >= 1 or None, got {limit!r}")
+    previous, _MAX_PIXELS[0] = _MAX_PIXELS[0], limit
+    return previous
+
+
+_BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 @contextlib.contextmanager
 def opened_image(
     path: str | os.PathLike,
@@ -81,10 +100,20 @@ def opened_image(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    limit = _MAX_PIXELS[0]
     try:
-        with Image.open(path) as im:
-            im.load()
-            yield im
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if limit is not None and width * height > limit:  # from the header: nothing decoded yet
+                    raise ValueError(f"{what} {path} is {width}x{height} ({width * height:,} pixels), more than the "
+                                     f"limit of {limit:,} (--max-pixels changes it)")
+                im.load()
+                yield im
+    except _BOMBS as exc:
+        raise ValueError(f"cannot read {what} {path}: it decodes to more pixels than Pillow allows, a possible "
+                         f"decompression bomb ({exc})") from None
     except errors as exc:
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc
 
@@ -426,6 +455,12 @@ def read_probabilities(path: str | os.PathLike, image_size: tuple[int, int] | No
     if not path.is_file():
         raise FileNotFoundError(f"probabilities not found: {path}")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+        if not magic.startswith(b"\x93NUMPY"):
+            kind = "a PNG image" if magic.startswith(b"\x89PNG") else "an .npz archive" if magic.startswith(b"PK") \
+                else "another format"
+            raise ValueError(f"not a .npy array file (it is {kind}); probabilities are (C, H, W) .npy arrays")
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"cannot read probabilities {path}: {exc}") from exc
@@ -434,6 +469,8 @@ def read_probabilities(path: str | os.PathLike, image_size: tuple[int, int] | No
         raise ValueError(f"probabilities {path} must be a (C, H, W) or (H, W, C) array, got shape {shape}")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"probabilities {path} must be floating point, got dtype {array.dtype}")
+    if not array.dtype.isnative:  # a big-endian file: the same numbers in this machine's byte order
+        array = array.astype(array.dtype.newbyteorder("="))
     if image_size is None:
         return array
     height, width = image_size

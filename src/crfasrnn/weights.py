@@ -598,7 +598,7 @@ def load_model(
 
     state_dict, info = read_weights(path)
     conv1 = state_dict.get("conv1_1.weight")
-    width = 1.0 if conv1 is None else float(info.metadata.get("width", conv1.shape[0] / 64))
+    width = _metadata_width(info, path, 1.0 if conv1 is None else conv1.shape[0] / 64)
     with torch.device("meta"):
         model = CrfRnnNet(info.num_classes, num_iterations, width=width, **crf_kwargs)
     checked, _, _ = _validate(state_dict, model, info, strict=True)
@@ -608,6 +608,18 @@ def load_model(
 
 
 # --------------------------------------------------------------------------------------------------- writing
+
+
+def _metadata_width(info: WeightsInfo, path: str | os.PathLike, default: float) -> float:
+    """The channel width a file's metadata records (``default`` where it records none), checked."""
+    raw = info.metadata.get("width", default)
+    try:
+        width = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"weights {path}: the metadata's width must be a number, got {raw!r}") from None
+    if not math.isfinite(width) or width <= 0:
+        raise ValueError(f"weights {path}: the metadata's width must be a finite number > 0, got {raw!r}")
+    return width
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -654,7 +666,7 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike) -> WeightsIn
 
     src, dst = Path(src), Path(dst)
     state_dict, info = read_weights(src)
-    width = float(info.metadata.get("width", 1.0))
+    width = _metadata_width(info, src, 1.0)
     with torch.device("meta"):
         model = CrfRnnNet(info.num_classes, width=width)
     checked, _, _ = _validate(state_dict, model, info, strict=True)

@@ -462,7 +462,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
     limits = serve.Limits(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_side=args.max_side,
-        downscale=not args.refuse_oversize, work_side=args.work_side,
+        downscale=not args.refuse_oversize, work_side=args.work_side, max_decodes=args.max_decodes,
     )
     weights = args.weights or os.environ.get("CRFASRNN_WEIGHTS") or None
     if weights:
@@ -495,6 +495,8 @@ def _add_serve_parser(sub) -> None:
                    help="refuse images larger than --max-side instead of downscaling them")
     p.add_argument("--work-side", type=int, default=1024,
                    help="longest side at which photos are processed and results returned (default: 1024)")
+    p.add_argument("--max-decodes", type=int, default=2,
+                   help="uploads decoded at once; other requests wait (default: 2)")
     p.set_defaults(func=_serve)
 
 

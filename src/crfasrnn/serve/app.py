@@ -10,6 +10,8 @@ Routes:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import time
@@ -22,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .engine import ClientError, Engine, RefineParams, decode_image, decode_labels
+from .engine import ClientError, Engine, RefineParams, decode_image, decode_labels, header_size
 
 __all__ = ["create_app", "BodyLimitMiddleware"]
 
@@ -106,6 +108,12 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+async def _compute(engine: Engine, fn, *args, **kwargs):
+    """Run ``fn`` on the engine's compute thread (see :class:`Engine`) without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(engine.compute_thread, functools.partial(fn, *args, **kwargs))
+
+
 def _read_static(name: str) -> bytes:
     return resources.files("crfasrnn.serve").joinpath("static", name).read_bytes()
 
@@ -146,6 +154,7 @@ async def _inputs(request: Request, engine: Engine) -> tuple[dict[str, Any], Any
         raise ClientError(415, f"send a multipart form (field 'image') or an image body, not {content_type!r}")
     if image_data is not None:
         photo, notes = await run_in_threadpool(decode_image, image_data, engine.limits, what="image")
+        request.state.original_size = header_size(image_data)  # what a label map of the upload may measure
         return fields, photo, notes, labels_data, "upload"
     if _truthy(fields.get("sample", request.query_params.get("sample", ""))):
         return fields, engine.sample_photo(), [], labels_data, "sample"
@@ -209,7 +218,7 @@ def create_app(engine: Engine):
         if engine.model is None:
             raise ClientError(409, "no weights are loaded: start the server with --weights FILE to segment photos")
         _, photo, notes, _, source = await _inputs(request, engine)
-        result = await run_in_threadpool(engine.segment, photo, notes)
+        result = await _compute(engine, engine.segment, photo, notes)
         return _answer(result, source, start)
 
     @app.post("/api/refine")
@@ -224,17 +233,19 @@ def create_app(engine: Engine):
         fields, photo, notes, labels_data, source = await _inputs(request, engine)
         params = RefineParams.parse(fields, engine.limits)
         if labels_data is not None:
-            labels = await run_in_threadpool(decode_labels, labels_data, photo.shape[:2], engine.limits)
+            original = getattr(request.state, "original_size", None)
+            labels = await run_in_threadpool(decode_labels, labels_data, photo.shape[:2], engine.limits,
+                                             original=original)
             labels_source = "upload"
         elif source == "sample":
-            labels = await run_in_threadpool(engine.sample_labels)
+            labels = await _compute(engine, engine.sample_labels)
             labels_source = "sample"
         else:
             raise ClientError(
                 400, "refinement needs a label map of the photo (form field 'labels': a palette, grey or colour PNG), "
                 "or use the bundled sample (sample=true) with its coarse annotation",
             )
-        result = await run_in_threadpool(engine.refine, photo, labels, params, notes, source=labels_source)
+        result = await _compute(engine, engine.refine, photo, labels, params, notes, source=labels_source)
         return _answer(result, source, start)
 
     return app

@@ -9,6 +9,7 @@ package's own sample data.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import inspect
 import io
 import logging
@@ -60,6 +61,8 @@ class Limits:
         work_side: the longest side at which images are processed and results returned (smaller images keep their
             size).
         max_iterations: the most mean-field iterations a refine request may ask for.
+        max_decodes: how many uploads are decoded at once (others wait): with the pixel limit, this bounds the
+            memory that decoding takes, whatever the number of concurrent requests.
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -68,9 +71,10 @@ class Limits:
     max_pixels: int | None = None
     work_side: int = 1024
     max_iterations: int = 50
+    max_decodes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_side", "work_side", "max_iterations"):
+        for name in ("max_upload_bytes", "max_side", "work_side", "max_iterations", "max_decodes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -169,6 +173,25 @@ class RefineParams:
         return cls(values)
 
 
+_DECODE_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _decoding(limits: Limits) -> threading.BoundedSemaphore:
+    """The semaphore that lets at most ``limits.max_decodes`` uploads be decoded at once (process-wide)."""
+    with _SLOTS_LOCK:
+        return _DECODE_SLOTS.setdefault(limits.max_decodes, threading.BoundedSemaphore(limits.max_decodes))
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image upload from its header (nothing decoded), or None where it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - any unreadable upload: decode_image reports it properly
+        return None
+
+
 def _fit(size: tuple[int, int], side: int) -> tuple[int, int]:
     """(width, height) scaled so that the longer side is at most ``side`` (never enlarged)."""
     w, h = size
@@ -231,11 +254,20 @@ def decode_image(data: bytes, limits: Limits, *, what: str = "image") -> tuple[n
         ClientError: empty, not an image, corrupt, or too large.
     """
     im, notes = _open(data, what, limits)
+    with _decoding(limits):
+        return _decode_image(im, what, limits, notes)
+
+
+def _decode_image(im: Image.Image, what: str, limits: Limits, notes: list[str]) -> tuple[np.ndarray, list[str]]:
     original = im.size
     target = _fit(original, min(limits.max_side, limits.work_side))
     if target != original:
         im.draft("RGB", target)  # JPEG: decode at a reduced scale directly
     im = _load(im, what)
+    if im.size != target and im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
+        # to the work size in the file's own mode (1 byte a pixel for a bilevel or palette image), before any RGB
+        # conversion makes it three or four
+        im = im.resize(target, Image.NEAREST if im.mode in ("1", "P") else Image.BILINEAR)
     try:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -299,30 +331,45 @@ class LabelMap:
         return cls(display, num_classes, palette, tuple(names))
 
 
-def decode_labels(data: bytes, size: tuple[int, int], limits: Limits) -> LabelMap:
+def decode_labels(data: bytes, size: tuple[int, int], limits: Limits, *,
+                  original: tuple[int, int] | None = None) -> LabelMap:
     """Decode an uploaded label map with :func:`crfasrnn.image.read_annotation`, sized (nearest) to ``size``.
 
     Accepted as ``crfasrnn refine --labels`` accepts them: a VOC-palette or grey PNG of integer labels (255 =
     unknown), or an RGB annotation in which each colour is a class and black is unknown.
 
+    The label map must have the photo's size: the size it was uploaded at (``original``, (width, height), either
+    orientation) or the size it is processed at (``size``). That is checked from the header, before any pixel is
+    decoded; a larger map is then brought to ``size`` in its own mode (nearest neighbour) before it is read.
+
     Raises:
-        ClientError: not an image, not a label map, no labelled pixel, or not the photo's aspect ratio.
+        ClientError: not an image, not a label map, no labelled pixel, or not the photo's size.
     """
     im, _ = _open(data, "label map", limits)
-    im.close()
+    height, width = size
+    allowed = {(width, height)}
+    if original is not None:
+        allowed |= {tuple(original), tuple(original)[::-1]}
+    if im.size not in allowed:
+        im.close()
+        uploaded = f" (uploaded at {original[0]}x{original[1]})" if original is not None and original != (width, height) \
+            else ""
+        raise ClientError(400, f"the label map is {im.size[0]}x{im.size[1]} but the photo is {width}x{height}"
+                               f"{uploaded}: the sizes must agree")
     from ..image import read_annotation
 
-    with tempfile.TemporaryDirectory(prefix="crfasrnn-serve-") as folder:
-        path = Path(folder) / "labels"  # a name the server chooses; the client's file name is never used
-        path.write_bytes(data)
+    with _decoding(limits), tempfile.TemporaryDirectory(prefix="crfasrnn-serve-") as folder:
+        path = Path(folder) / "labels.png"  # a name the server chooses; the client's file name is never used
+        if im.size != (width, height) and im.size != (height, width):
+            small = _load(im, "label map").resize((width, height), Image.NEAREST)  # keeps the mode and palette
+            small.save(path, format="PNG")
+        else:
+            path.write_bytes(data)
+        im.close()
         try:
             annotation = read_annotation(path)
         except ValueError as exc:
             raise ClientError(400, f"the uploaded label map cannot be used: {str(exc).replace(str(path), 'upload')}") from None
-    height, width = size
-    lh, lw = annotation.labels.shape
-    if abs(lh * width - lw * height) > max(lh, lw, height, width):
-        raise ClientError(400, f"the label map is {lw}x{lh} but the photo is {width}x{height}: the sizes must agree")
     return LabelMap.from_annotation(annotation, size)
 
 
@@ -415,6 +462,10 @@ class Engine:
             network_size = NETWORK_SIZE
         self.network_size = int(network_size)
         self._lock = threading.Lock()
+        # All computations run on this one thread: its allocations come from one malloc arena, which they reuse.
+        # (Run on the thread pool's many threads, each freed tensor stays in its own thread's arena, and the
+        # resident memory grows with every thread that computed once.)
+        self.compute_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="crfasrnn")
         self._sample: np.ndarray | None = None
         self._sample_labels: LabelMap | None = None
 

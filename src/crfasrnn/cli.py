@@ -460,9 +460,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
+    if not math.isfinite(args.body_timeout) or args.body_timeout <= 0:
+        raise ValueError(f"--body-timeout must be a finite number > 0, got {args.body_timeout}")
     limits = serve.Limits(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_side=args.max_side,
         downscale=not args.refuse_oversize, work_side=args.work_side, max_decodes=args.max_decodes,
+        body_timeout_s=args.body_timeout,
     )
     weights = args.weights or os.environ.get("CRFASRNN_WEIGHTS") or None
     if weights:
@@ -497,6 +500,8 @@ def _add_serve_parser(sub) -> None:
                    help="longest side at which photos are processed and results returned (default: 1024)")
     p.add_argument("--max-decodes", type=int, default=2,
                    help="uploads decoded at once; other requests wait (default: 2)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (default: 30)")
     p.set_defaults(func=_serve)
 
 

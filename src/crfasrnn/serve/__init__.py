@@ -12,6 +12,7 @@ Example (in-process, no network):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
@@ -22,6 +23,9 @@ __all__ = ["Engine", "Limits", "ClientError", "create_app", "run_server"]
 
 logger = logging.getLogger(__name__)
 
+#: After Ctrl+C (or SIGTERM), requests in flight get this long to finish; then they are cancelled and the server stops.
+SHUTDOWN_TIMEOUT_S = 5.0
+
 
 def _check_bindable(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -31,6 +35,12 @@ def _check_bindable(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _not_a_cancellation(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's tracebacks of requests cancelled at shutdown (past the grace period, or by a second Ctrl+C):
+    those cancellations are the shutdown itself, not errors."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
@@ -46,4 +56,7 @@ def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, log
     _check_bindable(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines", host)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, workers=1)
+    logging.getLogger("uvicorn.error").addFilter(_not_a_cancellation)
+    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level, workers=1,
+                            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, timeout_keep_alive=5, lifespan="off")
+    uvicorn.Server(config).run()  # a Ctrl+C comes back as KeyboardInterrupt once the server has stopped

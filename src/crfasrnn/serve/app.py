@@ -42,15 +42,17 @@ _SECURITY_HEADERS = {
 
 
 class BodyLimitMiddleware:
-    """ASGI middleware that refuses request bodies over ``max_bytes`` with 413 while they are read.
+    """ASGI middleware that refuses request bodies over ``max_bytes`` with 413 while they are read, and bodies that do
+    not arrive whole within ``body_timeout`` seconds with 408.
 
     A declared ``Content-Length`` over the limit is refused before any byte is read; otherwise the body is read up to
     the limit (the first byte past it ends the request with 413) and handed on to the application.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -68,8 +70,13 @@ class BodyLimitMiddleware:
                 await self._refuse(send, 413, self._message(declared_size))
                 return
         chunks, total = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            try:  # a client that stops sending mid-body is not waited for forever
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                await self._refuse(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -176,7 +183,8 @@ def create_app(engine: Engine):
     static = {name: _read_static(name) for name in _STATIC}
     app = FastAPI(title="crfasrnn", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     app.state.engine = engine
-    app.add_middleware(BodyLimitMiddleware, max_bytes=engine.limits.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=engine.limits.max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       body_timeout=engine.limits.body_timeout_s)
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:

@@ -63,6 +63,7 @@ class Limits:
         max_iterations: the most mean-field iterations a refine request may ask for.
         max_decodes: how many uploads are decoded at once (others wait): with the pixel limit, this bounds the
             memory that decoding takes, whatever the number of concurrent requests.
+        body_timeout_s: a request body must arrive whole within this many seconds (else 408).
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -72,8 +73,11 @@ class Limits:
     work_side: int = 1024
     max_iterations: int = 50
     max_decodes: int = 2
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.body_timeout_s, (int, float)) or not 0 < self.body_timeout_s < float("inf"):
+            raise ValueError(f"body_timeout_s must be a finite number > 0, got {self.body_timeout_s!r}")
         for name in ("max_upload_bytes", "max_side", "work_side", "max_iterations", "max_decodes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

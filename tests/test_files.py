@@ -128,3 +128,39 @@ def test_segment_with_unreadable_weights_creates_no_output_folder(tmp_path):
                           check=False)
     assert proc.returncode == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_convert_to_a_full_disk_says_so_in_one_line(tmp_path, tiny_disk):
+    from synthetic_weights import random_state_dict, write_port_pth
+
+    source = write_port_pth(tmp_path / "port.pth", random_state_dict(21, width=1 / 16, seed=0))
+    for destination in (tiny_disk / "w.safetensors", tiny_disk / "w.pt"):
+        proc = subprocess.run([sys.executable, "-m", "crfasrnn", "convert", str(source), str(destination)],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "no space left on device writing" in proc.stderr and str(destination) in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert list(tiny_disk.iterdir()) == []  # no partial file, no temporary
+
+
+def test_a_checkpoint_to_a_full_disk_names_the_file(tiny_disk):
+    import torch
+
+    with pytest.raises(OSError, match=r"no space left on device writing .*last\.pt"):
+        save_checkpoint({"model": {"w": torch.zeros(200_000)}}, tiny_disk / "last.pt")
+    assert list(tiny_disk.iterdir()) == []

@@ -266,3 +266,17 @@ def test_bad_label_in_a_worker_is_one_line(tmp_path, capsys):
         last.startswith("crfasrnn train: error: ")
         and "train_0002.png: label values [9] lie outside the class range 0..3" in last
     )
+
+
+def test_unfinished_checkpoint_files_of_a_killed_run_are_removed_at_start(tiny_voc, tmp_path):
+    """A kill during a checkpoint write leaves ``.last.pt.*.tmp``; the next run removes it before training."""
+    out = tmp_path / "run"
+    out.mkdir()
+    orphan = out / ".last.pt.abc123.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    other = out / "notes.txt"
+    other.write_text("kept")
+    cfg = dict(SMALL, data=str(tiny_voc), out=str(out), epochs=1, batch_size=2, crop_size=32, val_split=None)
+    train(TrainConfig(max_steps=1, **cfg))
+    assert not orphan.exists() and other.read_text() == "kept"
+    assert not list(out.glob(".*.tmp")) and load_checkpoint(out / "last.pt")["step"] == 1

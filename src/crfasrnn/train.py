@@ -45,6 +45,7 @@ from .checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_che
 from .data import EvalTransform, SegmentationDataset, TrainTransform, open_dataset, preprocess_batch
 from .data.datasets import IGNORE_INDEX
 from .evaluate import SegmentationMetrics, model_confusion, segmentation_metrics
+from .files import remove_orphans
 from .initialise import he_initialise, initialise_from_file
 from .models import CrfRnnNet, FCN8s
 
@@ -406,6 +407,9 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
         )
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        removed = remove_orphans(out / CHECKPOINT_NAME)  # what a kill during an earlier run's write left
+        if removed:
+            logger.info("removed %d unfinished checkpoint file(s) of an earlier run in %s", removed, out)
         atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), out / "config.json")
         _write_records(records_path, records)
     total_steps = config.epochs * steps_per_epoch

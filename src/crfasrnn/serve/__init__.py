@@ -43,6 +43,21 @@ def _not_a_cancellation(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, remembering the signal that stopped it."""
+
+        stopped_by: int | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            self.stopped_by = sig
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
 def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     """Serve ``engine`` with uvicorn until interrupted (blocks). Listens on 127.0.0.1 unless told otherwise.
 
@@ -59,4 +74,7 @@ def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, log
     logging.getLogger("uvicorn.error").addFilter(_not_a_cancellation)
     config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level, workers=1,
                             timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, timeout_keep_alive=5, lifespan="off")
-    uvicorn.Server(config).run()  # a Ctrl+C comes back as KeyboardInterrupt once the server has stopped
+    server = _server_class()(config)
+    server.run()  # uvicorn re-raises a caught Ctrl+C once stopped, where Python's own handler is installed ...
+    if server.stopped_by is not None:  # ... and where it is not (SIGINT ignored, as in background jobs): the same
+        raise KeyboardInterrupt

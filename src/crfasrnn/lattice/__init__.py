@@ -16,7 +16,10 @@ Differences from the reference, both of which leave the results within float32 r
 
 Two back ends share one lattice construction (``_build``): vectorised torch operations (CPU and CUDA) and, on CPU when
 numba is installed, JIT-compiled parallel loops. Both give the same results to rounding; the torch path can be forced
-on CPU with ``backend="torch"``.
+on CPU with ``backend="torch"``. Construction and the differentiable filtering are the ``crfasrnn::lattice_build``
+and ``crfasrnn::lattice_filter`` operators (``_ops``), so that ``torch.compile`` and ``torch.export`` see them as
+single nodes; a built lattice is a list of tensors (:attr:`PermutohedralLattice.tensors`). Features beyond what the
+lattice's floating-point arithmetic handles are refused before any kernel runs (``_build.check_extent``).
 
 A :class:`PermutohedralLattice` filters one tensor (:meth:`~PermutohedralLattice.filter`,
 :meth:`~PermutohedralLattice.filter_points`) or applies the transpose (:meth:`~PermutohedralLattice.transpose_points`);

@@ -55,7 +55,7 @@ def test_opcheck_every_operator(device, backend, dtype):
     bilateral = lattice_ops.build(points, backend)
     spatial = lattice_ops.build(spatial_points, backend)
     values = torch.rand(2, 30, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)
-    for reverse, pre, post in [(False, False, True), (True, True, False), (False, False, False)]:
+    for reverse, pre, post in [(False, 0, 1), (True, 1, 0), (False, 0, 0), (True, 2, 2)]:
         opcheck(torch.ops.crfasrnn.lattice_filter.default, (values, bilateral, reverse, pre, post))
         opcheck(torch.ops.crfasrnn.lattice_filter.default, (values, spatial, reverse, pre, post))  # shared lattice
     unary = torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)
@@ -63,44 +63,63 @@ def test_opcheck_every_operator(device, backend, dtype):
     potts = [(s * torch.eye(4, dtype=dtype, device=device)).requires_grad_(True) for s in (-3.0, -5.0)]
     single = [torch.randn(4, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)]
     three = dense + [(-2.0 * torch.eye(4, dtype=dtype, device=device)).requires_grad_(True)]
-    for mixing, lattices in ((dense, spatial + bilateral), (potts, spatial + bilateral), (single, bilateral),
-                             (three, spatial + bilateral + bilateral)):
-        opcheck(torch.ops.crfasrnn.mean_field.default, (unary, lattices, mixing, 3, True))
-        opcheck(torch.ops.crfasrnn.mean_field.default, (unary.detach(), lattices, [a.detach() for a in mixing], 2,
-                                                        False))
-        _, probs = torch.ops.crfasrnn.mean_field(unary, lattices, mixing, 3, True)
+    for mixing, lattices, modes in ((dense, spatial + bilateral, [2, 2]), (potts, spatial + bilateral, [3, 1]),
+                                    (single, bilateral, [0]), (three, spatial + bilateral + bilateral, [1, 2, 3])):
+        opcheck(torch.ops.crfasrnn.mean_field.default, (unary, lattices, mixing, modes, 3, True))
+        opcheck(torch.ops.crfasrnn.mean_field.default, (unary.detach(), lattices, [a.detach() for a in mixing], modes,
+                                                        2, False))
+        _, probs = torch.ops.crfasrnn.mean_field(unary, lattices, mixing, modes, 3, True)
         grad = torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device)
         k = len(mixing)
         for needs in [(True, [True] * k), (True, [False] * k), (False, [True] + [False] * (k - 1))]:
             opcheck(torch.ops.crfasrnn.mean_field_backward.default,
-                    (grad, probs.detach(), lattices, [a.detach() for a in mixing], *needs))
+                    (grad, probs.detach(), lattices, [a.detach() for a in mixing], modes, *needs))
 
 
-@pytest.mark.parametrize("num_kernels", [1, 3])
-def test_mean_field_with_any_number_of_kernels_matches_a_brute_force_loop(num_kernels):
-    """The operator with one or three kernels equals the iterations written out with the lattice's differentiable
-    filter (``filter_points``), in value and in the gradients of the unary and of every mixing matrix."""
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("modes", [[2], [1, 3], [0, 1, 3], [3, 3, 2]], ids=str)
+def test_mean_field_with_any_kernels_and_normalisations_matches_a_written_out_loop(backend, modes):
+    """The operator with one or three kernels, in every normalisation (none, before, after, symmetric), equals the
+    iterations written out with the differentiable filter operator, in value and in the gradients of the unary and of
+    every mixing matrix; and the normalisations themselves are what they say (``n = 1 / K·1``)."""
     g = torch.Generator().manual_seed(4)
     n, c = 25, 3
-    features = [torch.rand(1, n, d, generator=g, dtype=torch.float64) * 3 for d in (2, 3, 4)][:num_kernels]
-    lattices = [lattice_ops.build(f, BACKENDS[0]) for f in features]
-    mixing = [torch.randn(c, c, generator=g, dtype=torch.float64).requires_grad_(True) for _ in features]
-    unary = torch.randn(1, n, c, generator=g, dtype=torch.float64, requires_grad=True)
-    q, _ = torch.ops.crfasrnn.mean_field(unary, [t for lat in lattices for t in lat], mixing, 3, True)
-    # the reference: the same lattices' normalised filterings, as differentiable torch operations
-    from crfasrnn import PermutohedralLattice
+    features = [torch.rand(2, n, d, generator=g, dtype=torch.float64) * 3 for d in (2, 3, 4)][:len(modes)]
+    lattices = [lattice_ops.build(f, backend) for f in features]
+    mixing = [torch.randn(c, c, generator=g, dtype=torch.float64) for _ in features]
+    if len(modes) == 2:  # two Potts-like kernels: the fused pass of the numba back end, with its splat pre-scales
+        mixing = [torch.diag(torch.rand(c, generator=g, dtype=torch.float64) + 1) for _ in features]
+    mixing = [a.requires_grad_(True) for a in mixing]
+    unary = torch.randn(2, n, c, generator=g, dtype=torch.float64, requires_grad=True)
+    q, _ = torch.ops.crfasrnn.mean_field(unary, [t for lat in lattices for t in lat], mixing, modes, 3, True)
+    with torch.no_grad():  # the inference path (buffers reused, softmax fused) gives the same scores
+        q_inference, _ = torch.ops.crfasrnn.mean_field(unary, [t for lat in lattices for t in lat], mixing, modes, 3,
+                                                       False)
+    torch.testing.assert_close(q_inference, q.detach(), rtol=1e-12, atol=1e-12)
 
-    kernels = [PermutohedralLattice.from_tensors(lat, n) for lat in lattices]
+    def message(lattice, p, mode):  # by the definitions, from unnormalised filterings
+        raw = lambda v: torch.ops.crfasrnn.lattice_filter(v, lattice, False, 0, 0)  # noqa: E731
+        norm = 1 / (raw(torch.ones(2, n, 1, dtype=torch.float64)) + lattice_ops.NORMALISER_EPS)
+        return {0: raw(p), 1: raw(norm * p), 2: norm * raw(p), 3: norm.sqrt() * raw(norm.sqrt() * p)}[mode]
+
     want = unary
     for _ in range(3):
         p = torch.softmax(want, dim=-1)
-        want = unary - sum(k.filter_points(p, normalize=True) @ a for k, a in zip(kernels, mixing))
+        want = unary - sum(message(lat, p, mode) @ a for lat, a, mode in zip(lattices, mixing, modes))
     torch.testing.assert_close(q, want, rtol=1e-10, atol=1e-10)
     weights = torch.randn(q.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad((q * weights).sum(), [unary, *mixing])
     want = torch.autograd.grad((want * weights).sum(), [unary, *mixing])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_normalisation_modes_are_checked():
+    lat = lattice_ops.build(torch.rand(1, 10, 2), BACKENDS[0])
+    with pytest.raises(ValueError, match="normalisation mode"):
+        torch.ops.crfasrnn.mean_field(torch.randn(1, 10, 2), lat, [torch.eye(2)], [4], 1, False)
+    with pytest.raises(ValueError, match="one normalisation mode per kernel"):
+        torch.ops.crfasrnn.mean_field(torch.randn(1, 10, 2), lat, [torch.eye(2)], [2, 2], 1, False)
 
 
 # --- torch.compile and torch.export --------------------------------------------------------------------------------

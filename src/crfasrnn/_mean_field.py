@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ._library import operator
 from .lattice import PermutohedralLattice, filter_each, filter_sum, values_buffer
-from .lattice._ops import FIELDS
+from .lattice._ops import FIELDS, mode_scales
 
 try:  # numba is optional: torch operations are used without it
     from . import _crf_numba
@@ -39,11 +39,11 @@ def _lattices(tensors, mixing, num_points) -> list[PermutohedralLattice]:
     return [PermutohedralLattice.from_tensors(tensors[k * size:(k + 1) * size], num_points) for k in range(len(mixing))]
 
 
-@operator("mean_field(Tensor unary, Tensor[] lattices, Tensor[] mixing, int num_iterations, bool save_probs) "
-          "-> (Tensor, Tensor)")
+@operator("mean_field(Tensor unary, Tensor[] lattices, Tensor[] mixing, int[] normalizations, int num_iterations, "
+          "bool save_probs) -> (Tensor, Tensor)")
 def mean_field(
-    unary: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor], num_iterations: int,
-    save_probs: bool,
+    unary: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor], normalizations: list[int],
+    num_iterations: int, save_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean field over (B, N, C) unary scores; returns the scores q_T (B, N, C) and, where ``save_probs``, every
     iteration's probabilities (T, B·N, C) (else an empty tensor)."""
@@ -52,26 +52,27 @@ def mean_field(
         raise ValueError(f"num_iterations must be >= 1 in the operator, got {num_iterations}")
     u = unary.reshape(batch * n, c).contiguous()
     kernels = _lattices(lattices, mixing, n)
+    modes = _modes(normalizations, mixing)
     factors = _factors(mixing)
     if save_probs:
-        q, probs = _forward_saving(u, factors, kernels, batch, num_iterations)
+        q, probs = _forward_saving(u, factors, kernels, modes, batch, num_iterations)
     else:
-        q, probs = _mean_field_inference(u, kernels, factors, num_iterations, batch), u.new_empty(0)
+        q, probs = _mean_field_inference(u, kernels, factors, modes, num_iterations, batch), u.new_empty(0)
     return q.view(batch, n, c), probs
 
 
 @torch.library.register_fake("crfasrnn::mean_field")
-def _(unary, lattices, mixing, num_iterations, save_probs):
+def _(unary, lattices, mixing, normalizations, num_iterations, save_probs):
     b, n, c = unary.shape
     probs = unary.new_empty((num_iterations, b * n, c) if save_probs else (0,))
     return torch.empty_like(unary, memory_format=torch.contiguous_format), probs
 
 
-@operator("mean_field_backward(Tensor grad, Tensor probs, Tensor[] lattices, Tensor[] mixing, bool need_unary, "
-          "bool[] need_mixing) -> (Tensor, Tensor[])")
+@operator("mean_field_backward(Tensor grad, Tensor probs, Tensor[] lattices, Tensor[] mixing, int[] normalizations, "
+          "bool need_unary, bool[] need_mixing) -> (Tensor, Tensor[])")
 def mean_field_backward(
     grad: torch.Tensor, probs: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor],
-    need_unary: bool, need_mixing: list[bool],
+    normalizations: list[int], need_unary: bool, need_mixing: list[bool],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The gradients of :func:`mean_field`'s scores with respect to the unary (B, N, C) and each (C, C) mixing matrix;
     those not needed are empty tensors."""
@@ -79,13 +80,15 @@ def mean_field_backward(
         raise RuntimeError("crfasrnn::mean_field_backward needs the probabilities of a forward run with save_probs=True")
     batch, n, c = grad.shape
     kernels = _lattices(lattices, mixing, n)
-    grad_u, grads = _backward(grad.reshape(batch * n, c), probs, mixing, kernels, batch, need_unary, need_mixing)
+    modes = _modes(normalizations, mixing)
+    grad_u, grads = _backward(grad.reshape(batch * n, c), probs, mixing, kernels, modes, batch, need_unary,
+                              need_mixing)
     return (grad.new_empty(0) if grad_u is None else grad_u.view(batch, n, c),
             [grad.new_empty(0) if g is None else g for g in grads])
 
 
 @torch.library.register_fake("crfasrnn::mean_field_backward")
-def _(grad, probs, lattices, mixing, need_unary, need_mixing):
+def _(grad, probs, lattices, mixing, normalizations, need_unary, need_mixing):
     def maybe(need, like):
         return torch.empty_like(like, memory_format=torch.contiguous_format) if need else grad.new_empty(0)
 
@@ -93,9 +96,10 @@ def _(grad, probs, lattices, mixing, need_unary, need_mixing):
 
 
 def _setup(ctx, inputs, output):
-    _, lattices, mixing, _, _ = inputs
+    _, lattices, mixing, normalizations, _, _ = inputs
     ctx.save_for_backward(output[1], *mixing, *lattices)
     ctx.num_kernels = len(mixing)
+    ctx.normalizations = list(normalizations)
     # the probabilities are for backward only: no gradient flows into them, and none is made up (a zero tensor of
     # T·B·N·C values) for backward
     ctx.mark_non_differentiable(output[1])
@@ -109,11 +113,11 @@ def _autograd_backward(ctx, grad_q, grad_probs):
     need_u, _, need_mixing = ctx.needs_input_grad[:3]
     need_mixing = [bool(x) for x in need_mixing]
     if grad_q is None:  # no gradient reached the scores (grads are not materialised): none flows back
-        return None, [None] * len(lattices), [None] * k, None, None
-    grad_u, grads = torch.ops.crfasrnn.mean_field_backward(grad_q.contiguous(), probs, lattices, mixing, bool(need_u),
-                                                           need_mixing)
+        return None, [None] * len(lattices), [None] * k, None, None, None
+    grad_u, grads = torch.ops.crfasrnn.mean_field_backward(grad_q.contiguous(), probs, lattices, mixing,
+                                                           ctx.normalizations, bool(need_u), need_mixing)
     return (grad_u if need_u else None, [None] * len(lattices), [g if need else None for g, need in
-                                                                 zip(grads, need_mixing)], None, None)
+                                                                 zip(grads, need_mixing)], None, None, None)
 
 
 torch.library.register_autograd("crfasrnn::mean_field", _autograd_backward, setup_context=_setup)
@@ -128,12 +132,21 @@ torch.library.register_autograd("crfasrnn::mean_field_backward", _no_second_deri
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+def _modes(normalizations, mixing) -> list[int]:
+    if len(normalizations) != len(mixing):
+        raise ValueError(f"mean field needs one normalisation mode per kernel, got {len(normalizations)} for "
+                         f"{len(mixing)} kernels")
+    for mode in normalizations:
+        mode_scales(mode)  # validates
+    return [int(m) for m in normalizations]
+
+
 def _factors(mixing):
     """The mixing matrices, or their diagonals where all are diagonal (applied as per-class scales)."""
     return [a.diagonal() for a in mixing] if all(_is_diagonal(a) for a in mixing) else list(mixing)
 
 
-def _forward_saving(u, factors, kernels, batch, num_iterations):
+def _forward_saving(u, factors, kernels, modes, batch, num_iterations):
     """The iterations, keeping every iteration's probabilities (what backward needs) in one block allocated up front:
     one large mapping that goes back to the system when freed, instead of a heap fragmented by tensor-sized blocks."""
     probs = torch.empty((num_iterations, *u.shape), dtype=u.dtype, device=u.device)
@@ -141,11 +154,12 @@ def _forward_saving(u, factors, kernels, batch, num_iterations):
     _softmax_into(u, probs[0])
     for t in range(num_iterations):  # each pass also writes the next iteration's probabilities
         last = t == num_iterations - 1
-        _filter_and_update(probs[t], u, factors, kernels, batch, q=q, softmax_out=None if last else probs[t + 1])
+        _filter_and_update(probs[t], u, factors, kernels, modes, batch, q=q,
+                           softmax_out=None if last else probs[t + 1])
     return q, probs
 
 
-def _backward(grad, probs, mixing, kernels, batch, need_u, need_mixing):
+def _backward(grad, probs, mixing, kernels, modes, batch, need_u, need_mixing):
     """All the iterations' backward, for (B·N, C) ``grad``: with ``r_k = K_kᵀ (n_k ⊙ G)`` (one transposed filtering
     per kernel), ``∂L/∂p = −Σ_k r_k A_kᵀ`` and ``∂L/∂A_k = −pᵀ r_k`` (channel mixing commutes with the per-channel
     filter), ``∂L/∂u = Σ_t G_t`` and, through the softmax, ``G_{t-1} = p ⊙ (∂L/∂p − Σ_c p ⊙ ∂L/∂p)``. Buffers are
@@ -165,7 +179,7 @@ def _backward(grad, probs, mixing, kernels, batch, need_u, need_mixing):
     for t in range(probs.shape[0] - 1, -1, -1):
         p = probs[t]
         # r_k = K_kᵀ (n_k ⊙ G) for every kernel: the messages' gradients are −r_k
-        filter_each(g.view(shape), kernels, normalize=True, transpose=True, out=[x.view(shape) for x in r])
+        filter_each(g.view(shape), kernels, transpose=True, out=[x.view(shape) for x in r], modes=modes)
         for ga, rk in zip(grads_a, r):
             if ga is not None:
                 ga.addmm_(p.t(), rk)
@@ -178,7 +192,7 @@ def _backward(grad, probs, mixing, kernels, batch, need_u, need_mixing):
     return grad_u, [None if ga is None else ga.neg_() for ga in grads_a]
 
 
-def _mean_field_inference(u, kernels, factors, num_iterations: int, batch: int) -> torch.Tensor:
+def _mean_field_inference(u, kernels, factors, modes, num_iterations: int, batch: int) -> torch.Tensor:
     """The iterations without autograd, in two buffers reused by every iteration.
 
     Same arithmetic as the differentiable loop. One pass per iteration slices the messages, mixes them into the
@@ -191,11 +205,11 @@ def _mean_field_inference(u, kernels, factors, num_iterations: int, batch: int) 
     _softmax_into(u, p)
     for t in range(num_iterations):
         last = t == num_iterations - 1
-        _filter_and_update(p, u, factors, kernels, batch, q=q, softmax_out=None if last else p)
+        _filter_and_update(p, u, factors, kernels, modes, batch, q=q, softmax_out=None if last else p)
     return q
 
 
-def _filter_and_update(p, u, factors, kernels, batch, *, q, softmax_out=None):
+def _filter_and_update(p, u, factors, kernels, modes, batch, *, q, softmax_out=None):
     """One mean-field step after the softmax, without autograd: ``q = u − Σ_k (n_k ⊙ K_k p) A_k``.
 
     ``A_k`` are (C, C) matrices or (C,) per-class scales; two kernels' messages are sliced and mixed in one pass where
@@ -205,7 +219,7 @@ def _filter_and_update(p, u, factors, kernels, batch, *, q, softmax_out=None):
     points = p.view(batch, -1, p.shape[1])
     soft = None if softmax_out is None else softmax_out.view(points.shape)
     filter_sum(points, kernels, [-f for f in factors], base=u.view(points.shape), out=q.view(points.shape),
-               softmax_out=soft, keep_sum=soft is None)
+               softmax_out=soft, keep_sum=soft is None, modes=modes)
     return q
 
 

@@ -254,7 +254,9 @@ def _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, nu
         a_b = (matrices[2] @ matrices[1]).t().contiguous()
         u = unary.to(dtype).permute(0, 2, 3, 1).reshape(b, h * w, c).contiguous()
         save = torch.is_grad_enabled() and (u.requires_grad or a_s.requires_grad or a_b.requires_grad)
-        q, _ = torch.ops.crfasrnn.mean_field(u, [*spatial, *bilateral], [a_s, a_b], num_iterations, save)
+        after = _lattice_ops.NORMALIZE_AFTER  # CRF-RNN's normalisation: n ⊙ K p
+        q, _ = torch.ops.crfasrnn.mean_field(u, [*spatial, *bilateral], [a_s, a_b], [after, after], num_iterations,
+                                             save)
         return q.view(b, h, w, c).permute(0, 3, 1, 2).contiguous().to(out_dtype)
 
 

@@ -315,12 +315,12 @@ class PermutohedralLattice:
             return self._filter_checked(name, values.float(), reverse, pre, post, None).to(values.dtype)
         self._check_points(values)
         if out is None:
-            return torch.ops.crfasrnn.lattice_filter(values, self._tensors, reverse, pre, post)
+            return torch.ops.crfasrnn.lattice_filter(values, self._tensors, reverse, int(pre), int(post))
         _check_buffer("out", out, values)
         if torch.is_grad_enabled() and (values.requires_grad or out.requires_grad):
             raise RuntimeError(f"{name}(out=...) does not support autograd; call it without out= to differentiate")
         with torch.no_grad():
-            _ops.filter_tensors(self._tensors, values, reverse, pre, post, out=out)
+            _ops.filter_tensors(self._tensors, values, reverse, int(pre), int(post), out=out)
         return out
 
     def _check_points(self, values: torch.Tensor) -> None:
@@ -351,6 +351,7 @@ def filter_each(
     normalize: bool = False,
     transpose: bool = False,
     out: Sequence[torch.Tensor | None] | None = None,
+    modes: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """The same values filtered through each of several lattices (or through their transposes).
 
@@ -366,6 +367,8 @@ def filter_each(
         transpose: apply the transposed filters.
         out: optional (B, H·W, C) tensors to write into, one per lattice (or None); their rows may be padded, so that
             they can be column slices of one tensor, e.g. the halves of a (B, H·W, 2C) tensor.
+        modes: per lattice, a normalisation mode (``_ops.NO_NORMALIZATION`` … ``NORMALIZE_SYMMETRIC``) instead of
+            ``normalize`` (which means ``NORMALIZE_AFTER`` for every lattice); with ``transpose``, its transpose.
 
     Returns:
         One (B, H·W, C) tensor per lattice (the ``out`` tensors when given).
@@ -388,22 +391,27 @@ def filter_each(
         if buffer is not None:
             _check_buffer("out", buffer, values, padded_rows=True)
     b, n, c = values.shape
+    if modes is None:
+        modes = [_ops.NORMALIZE_AFTER if normalize else _ops.NO_NORMALIZATION] * len(lattices)
+    if len(modes) != len(lattices):
+        raise ValueError(f"filter_each needs one normalisation mode per lattice, got {len(modes)} for {len(lattices)}")
+    codes = [_ops.mode_scales(mode, transpose) for mode in modes]
     with torch.no_grad():
         if all(lattice.backend == "numba" and lattice.batch_size == b for lattice in lattices):
-            scales = [lattice.normalizer.reshape(-1) if normalize else None for lattice in lattices]
-            none = [None] * len(lattices)
+            pres = [_ops.scale_vector(lat.tensors, pre) for lat, (pre, _) in zip(lattices, codes)]
+            posts = [_ops.scale_vector(lat.tensors, post) for lat, (_, post) in zip(lattices, codes)]
             flat_outs = [None if o is None else o.view(b * n, c) for o in outs]
             results = _numba.filter_each(
                 tuple(lattice._structure for lattice in lattices),
                 values.reshape(b * n, c),
                 transpose,
-                tuple(scales) if transpose else tuple(none),
-                tuple(none) if transpose else tuple(scales),
+                tuple(pres),
+                tuple(posts),
                 tuple(flat_outs),
             )
             return [r.view(b, n, c) if o is None else o for r, o in zip(results, outs)]
-        method = "transpose_points" if transpose else "filter_points"
-        results = [getattr(lattice, method)(values, normalize=normalize) for lattice in lattices]
+        results = [_ops.filter_tensors(lat.tensors, values, transpose, pre, post) for lat, (pre, post) in
+                   zip(lattices, codes)]
         return [r if o is None else o.copy_(r) for r, o in zip(results, outs)]
 
 
@@ -417,6 +425,7 @@ def filter_sum(
     out: torch.Tensor | None = None,
     softmax_out: torch.Tensor | None = None,
     keep_sum: bool = True,
+    modes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """A weighted sum of several lattices' filterings of the same values: ``base + Σ_k (K_k values) ∘ scales[k]``.
 
@@ -439,6 +448,7 @@ def filter_sum(
             back end in float32 it is computed in the same pass, which spares a pass over memory and a hand-over to torch's thread pool.
         keep_sum: with ``softmax_out``, ``False`` means that only the softmax is wanted: the sum is not stored (``out``
             is ignored) and ``softmax_out`` is returned.
+        modes: per lattice, a normalisation mode (see :func:`filter_each`) instead of ``normalize``.
 
     Returns:
         (B, H·W, C) sum (``out`` when given), or ``softmax_out`` where ``keep_sum`` is False.
@@ -472,6 +482,11 @@ def filter_sum(
         _check_buffer("softmax_out", softmax_out, values, padded_rows=True)
     if not keep_sum and softmax_out is None:
         raise ValueError("keep_sum=False needs softmax_out: otherwise nothing would be computed")
+    if modes is None:
+        modes = [_ops.NORMALIZE_AFTER if normalize else _ops.NO_NORMALIZATION] * len(lattices)
+    if len(modes) != len(lattices):
+        raise ValueError(f"filter_sum needs one normalisation mode per lattice, got {len(modes)} for {len(lattices)}")
+    codes = [_ops.mode_scales(mode) for mode in modes]
     with torch.no_grad():
         if base is None:
             base = torch.zeros_like(values)
@@ -482,7 +497,9 @@ def filter_sum(
             and base.is_contiguous()
         )
         if fused:
-            posts = [lattice.normalizer if normalize else values.new_ones(lattice.batch_size * n) for lattice in lattices]
+            posts = [_ops.scale_vector(lat.tensors, post) for lat, (_, post) in zip(lattices, codes)]
+            posts = [values.new_ones(lat.batch_size * n) if p is None else p for lat, p in zip(lattices, posts)]
+            pres = [_ops.scale_vector(lat.tensors, pre) for lat, (pre, _) in zip(lattices, codes)]
             fused_softmax = softmax_out is not None and values.dtype == torch.float32
             store_sum = keep_sum or not fused_softmax  # only the softmax wanted and fused: the sum is never stored
             _numba.filter_sum(
@@ -493,10 +510,11 @@ def filter_sum(
                 base.reshape(b * n, c),
                 out.view(b * n, c) if store_sum else None,
                 softmax_out if fused_softmax else None,
+                pre_scales=tuple(pres),
             )
         else:
             fused_softmax = False
-            terms = filter_each(values, lattices, normalize=normalize)  # on numba, the values laid out once
+            terms = filter_each(values, lattices, modes=modes)  # on numba, the values laid out once
             flat = out.view(b * n, c)
             for k, (term, scale) in enumerate(zip(terms, scales)):
                 start = base if k == 0 else out  # the first term also brings in the base (no separate copy)

@@ -628,6 +628,7 @@ def filter_sum(
     base: torch.Tensor,
     out: torch.Tensor | None,
     softmax_out: torch.Tensor | None = None,
+    pre_scales: tuple[torch.Tensor | None, ...] | None = None,
 ) -> None:
     """``out = base + Σ_k scales[k] ⊙ post_scales[k] ⊙ K_k values`` for two lattices, sliced in one pass.
 
@@ -635,7 +636,8 @@ def filter_sum(
     built over N points (rather than B·N) is shared by the images. ``scales[k]`` are (C,); ``post_scales[k]`` hold
     one factor per lattice point; ``base`` and ``out`` are (B·N, C) contiguous; ``softmax_out`` (optional, may be the
     memory of ``values``, rows contiguous) receives the softmax of each row of the sum; ``out`` may be None when
-    ``softmax_out`` is given.
+    ``softmax_out`` is given. ``pre_scales[k]`` (optional, one factor per lattice point) scale the values as they are
+    splatted onto lattice k.
     """
     batch, num_points, channels = values.shape
     width = padded_width(channels)
@@ -643,7 +645,8 @@ def filter_sum(
     grids, scratch = [], []
     try:
         laid_out = None  # the values padded once for every lattice over all B·N points
-        for lattice in lattices:
+        pre_scales = pre_scales or (None,) * len(lattices)
+        for lattice, pre_scale in zip(lattices, pre_scales):
             if lattice.offsets.shape[0] == flat.shape[0]:
                 if laid_out is None:
                     laid_out, copied = _padded_rows(flat)
@@ -653,7 +656,8 @@ def filter_sum(
             else:  # one image's lattice for the whole batch: the images side by side in the channels
                 vals = _folded_rows(values)
                 scratch.append(vals)
-            grids.append(_splat_blur(lattice, vals, False, np.empty(0, dtype=vals.dtype)))
+            pre = np.empty(0, dtype=vals.dtype) if pre_scale is None else pre_scale.detach().reshape(-1).numpy()
+            grids.append(_splat_blur(lattice, vals, False, pre))
         dtype = grids[0].dtype
         k = [np.zeros(width, dtype=dtype) for _ in lattices]
         for kk, s, lat in zip(k, scales, lattices):

@@ -72,13 +72,40 @@ def filter_flat(tensors, points, reverse, pre, post, out=None):
     return result if out is None else out.copy_(result)
 
 
+#: Normalisation modes of a kernel (pydensecrf's constants, in this order): ``K v``, ``K (n ⊙ v)``, ``n ⊙ K v`` and
+#: ``√n ⊙ K (√n ⊙ v)``, with ``n = 1 / (K·1 + ε)``. CRF-RNN normalises after.
+NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC = 0, 1, 2, 3
+
+#: Per-point factor codes of a filtering's input (pre) or output (post): none, ``n``, ``√n``.
+_NONE, _N, _SQRT_N = 0, 1, 2
+
+
+def mode_scales(mode: int, transpose: bool = False) -> tuple[int, int]:
+    """The (pre, post) factor codes of a normalisation mode, or of its transpose (before and after swap)."""
+    if mode not in (0, 1, 2, 3):
+        raise ValueError(f"normalisation mode must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got {mode!r}")
+    codes = {NO_NORMALIZATION: (_NONE, _NONE), NORMALIZE_BEFORE: (_N, _NONE), NORMALIZE_AFTER: (_NONE, _N),
+             NORMALIZE_SYMMETRIC: (_SQRT_N, _SQRT_N)}[mode]
+    return codes[::-1] if transpose else codes
+
+
+def scale_vector(tensors, code: int):
+    """The per-point factor of a code: None, ``n`` or ``√n`` (P,)."""
+    if code == _NONE or code is False:
+        return None
+    if code == _N or code is True:
+        return tensors[3]
+    if code == _SQRT_N:
+        return tensors[3].sqrt()
+    raise ValueError(f"scale code must be 0 (none), 1 (n) or 2 (sqrt n), got {code!r}")
+
+
 def filter_tensors(tensors, values, reverse, pre_normalize, post_normalize, out=None):
     """``n^post ⊙ K (n^pre ⊙ values)`` of (B, N, C) values, for a lattice over B·N points or over N (shared)."""
     b, n, c = values.shape
     lattice_batch = tensors[0].shape[0] // n
-    normalizer = tensors[3]
-    pre = normalizer if pre_normalize else None
-    post = normalizer if post_normalize else None
+    pre = scale_vector(tensors, int(pre_normalize))
+    post = scale_vector(tensors, int(post_normalize))
     if lattice_batch == 1 and b > 1:  # one shared lattice: fold the batch into channels
         points = values.permute(1, 0, 2).reshape(n, b * c)
         result = filter_flat(tensors, points, reverse, pre, post).reshape(n, b, c).permute(1, 0, 2)
@@ -143,13 +170,13 @@ def build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
 # --- crfasrnn::lattice_filter ---------------------------------------------------------------------------------------
 
 
-@operator("lattice_filter(Tensor values, Tensor[] lattice, bool reverse, bool pre_normalize, bool post_normalize) "
-          "-> Tensor")
+@operator("lattice_filter(Tensor values, Tensor[] lattice, bool reverse, int pre_scale, int post_scale) -> Tensor")
 def _lattice_filter(
-    values: torch.Tensor, lattice: list[torch.Tensor], reverse: bool, pre_normalize: bool, post_normalize: bool
+    values: torch.Tensor, lattice: list[torch.Tensor], reverse: bool, pre_scale: int, post_scale: int
 ) -> torch.Tensor:
-    """``n^post ⊙ K (n^pre ⊙ values)`` for (B, N, C) values (``K`` blurs in reverse axis order where ``reverse``)."""
-    return filter_tensors(lattice, values, reverse, pre_normalize, post_normalize)
+    """``s_post ⊙ K (s_pre ⊙ values)`` for (B, N, C) values, the factors by code (0: none, 1: ``n``, 2: ``√n``;
+    ``K`` blurs in reverse axis order where ``reverse``)."""
+    return filter_tensors(lattice, values, reverse, pre_scale, post_scale)
 
 
 @torch.library.register_fake("crfasrnn::lattice_filter")

@@ -24,7 +24,7 @@ from torch import nn
 from . import _mean_field  # noqa: F401  (registers crfasrnn::mean_field)
 from .lattice import _ops as _lattice_ops
 from .lattice._build import max_feature_magnitude
-from .lattice import all_finite, numba_available
+from .lattice import all_finite, resolve_backend
 
 __all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features", "set_finite_check"]
 
@@ -157,16 +157,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "torch", "numba"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
-    if backend == "numba" and (not numba_available() or device.type != "cpu"):
-        raise ValueError("the numba back end needs numba installed and tensors on the CPU")
-    if backend == "auto":
-        return "numba" if numba_available() and device.type == "cpu" else "torch"
-    return backend
-
-
 def crf_rnn(
     unary: torch.Tensor,
     image: torch.Tensor,
@@ -218,7 +208,7 @@ def _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, nu
     theta_alpha = _check_positive("theta_alpha", theta_alpha)
     theta_beta = _check_positive("theta_beta", theta_beta)
     theta_gamma = _check_positive("theta_gamma", theta_gamma)
-    backend = _resolve_backend(backend, unary.device)
+    backend = resolve_backend(backend, unary.device)
     if num_iterations == 0:
         return unary
 

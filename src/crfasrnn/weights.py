@@ -622,10 +622,6 @@ def _metadata_width(info: WeightsInfo, path: str | os.PathLike, default: float) 
     return width
 
 
-def _atomic_write(path: Path, write) -> None:
-    atomic_write(path, write)
-
-
 def save_weights(
     model: torch.nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike, *, metadata: Mapping | None = None
 ) -> str:
@@ -649,10 +645,10 @@ def save_weights(
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt", "crfasrnn": text}))
+        atomic_write(path, lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt", "crfasrnn": text}))
     else:
         payload = {"format": "crfasrnn", "state_dict": state_dict, "metadata": json.loads(text)}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return file_sha256(path)
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "values_buffer",
     "empty_cache",
     "numba_available",
+    "resolve_backend",
     "all_finite",
     "NORMALISER_EPS",
 ]
@@ -134,6 +135,21 @@ def numba_available() -> bool:
     return _numba is not None
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The back end ``"auto"``, ``"torch"`` or ``"numba"`` stands for on ``device``: numba on CPU where installed.
+
+    Raises:
+        ValueError: an unknown name, or numba asked for where it cannot run.
+    """
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    if backend == "numba" and (_numba is None or device.type != "cpu"):
+        raise ValueError("the numba back end needs numba installed and tensors on the CPU")
+    if backend == "auto":
+        return "numba" if _numba is not None and device.type == "cpu" else "torch"
+    return backend
+
+
 class PermutohedralLattice:
     """A permutohedral lattice built once from per-pixel features and reused for any number of filterings.
 
@@ -172,12 +188,7 @@ class PermutohedralLattice:
         batch, d, height, width = features.shape
         if batch < 1 or d < 1 or height < 1 or width < 1:
             raise ValueError(f"features must have B, d, H, W >= 1, got shape {tuple(features.shape)}")
-        if backend not in ("auto", "torch", "numba"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
-        if backend == "numba" and (_numba is None or features.device.type != "cpu"):
-            raise ValueError("the numba back end needs numba installed and features on the CPU")
-        if backend == "auto":
-            backend = "numba" if (_numba is not None and features.device.type == "cpu") else "torch"
+        backend = resolve_backend(backend, features.device)
         if features.dtype in _HALF:
             features = features.float()
         points = features.detach().permute(0, 2, 3, 1).reshape(batch, height * width, d).contiguous()
@@ -391,11 +402,7 @@ def filter_each(
         if buffer is not None:
             _check_buffer("out", buffer, values, padded_rows=True)
     b, n, c = values.shape
-    if modes is None:
-        modes = [_ops.NORMALIZE_AFTER if normalize else _ops.NO_NORMALIZATION] * len(lattices)
-    if len(modes) != len(lattices):
-        raise ValueError(f"filter_each needs one normalisation mode per lattice, got {len(modes)} for {len(lattices)}")
-    codes = [_ops.mode_scales(mode, transpose) for mode in modes]
+    codes = _ops.mode_codes("filter_each", len(lattices), modes, normalize, transpose)
     with torch.no_grad():
         if all(lattice.backend == "numba" and lattice.batch_size == b for lattice in lattices):
             pres = [_ops.scale_vector(lat.tensors, pre) for lat, (pre, _) in zip(lattices, codes)]
@@ -482,11 +489,7 @@ def filter_sum(
         _check_buffer("softmax_out", softmax_out, values, padded_rows=True)
     if not keep_sum and softmax_out is None:
         raise ValueError("keep_sum=False needs softmax_out: otherwise nothing would be computed")
-    if modes is None:
-        modes = [_ops.NORMALIZE_AFTER if normalize else _ops.NO_NORMALIZATION] * len(lattices)
-    if len(modes) != len(lattices):
-        raise ValueError(f"filter_sum needs one normalisation mode per lattice, got {len(modes)} for {len(lattices)}")
-    codes = [_ops.mode_scales(mode) for mode in modes]
+    codes = _ops.mode_codes("filter_sum", len(lattices), modes, normalize)
     with torch.no_grad():
         if base is None:
             base = torch.zeros_like(values)
@@ -514,7 +517,7 @@ def filter_sum(
             )
         else:
             fused_softmax = False
-            terms = filter_each(values, lattices, modes=modes)  # on numba, the values laid out once
+            terms = filter_each(values, lattices, normalize=normalize, modes=modes)  # on numba, laid out once
             flat = out.view(b * n, c)
             for k, (term, scale) in enumerate(zip(terms, scales)):
                 start = base if k == 0 else out  # the first term also brings in the base (no separate copy)

@@ -28,7 +28,8 @@ try:  # numba is optional: the torch path is used without it
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     _numba = None
 
-__all__ = ["FIELDS", "NORMALISER_EPS", "build", "filter_flat", "filter_tensors", "is_numba", "structure"]
+__all__ = ["FIELDS", "NORMALISER_EPS", "build", "filter_flat", "filter_tensors", "is_numba", "mode_codes", "mode_scales",
+           "scale_vector", "structure"]
 
 #: The tensors of a built lattice over P points with d features, in order (M: the number of vertices).
 FIELDS = (
@@ -89,23 +90,35 @@ def mode_scales(mode: int, transpose: bool = False) -> tuple[int, int]:
     return codes[::-1] if transpose else codes
 
 
+def mode_codes(name: str, count: int, modes, normalize: bool, transpose: bool = False) -> list[tuple[int, int]]:
+    """The (pre, post) factor codes of ``count`` lattices: from ``modes`` (one each), or else ``NORMALIZE_AFTER`` for
+    all where ``normalize`` and ``NO_NORMALIZATION`` where not; transposed where ``transpose``. ``name`` is the
+    caller's, for the error."""
+    if modes is None:
+        modes = [NORMALIZE_AFTER if normalize else NO_NORMALIZATION] * count
+    if len(modes) != count:
+        raise ValueError(f"{name} needs one normalisation mode per lattice, got {len(modes)} for {count}")
+    return [mode_scales(mode, transpose) for mode in modes]
+
+
 def scale_vector(tensors, code: int):
     """The per-point factor of a code: None, ``n`` or ``√n`` (P,)."""
-    if code == _NONE or code is False:
+    if code == _NONE:
         return None
-    if code == _N or code is True:
+    if code == _N:
         return tensors[3]
     if code == _SQRT_N:
         return tensors[3].sqrt()
     raise ValueError(f"scale code must be 0 (none), 1 (n) or 2 (sqrt n), got {code!r}")
 
 
-def filter_tensors(tensors, values, reverse, pre_normalize, post_normalize, out=None):
-    """``n^post ⊙ K (n^pre ⊙ values)`` of (B, N, C) values, for a lattice over B·N points or over N (shared)."""
+def filter_tensors(tensors, values, reverse, pre_scale, post_scale, out=None):
+    """``s_post ⊙ K (s_pre ⊙ values)`` of (B, N, C) values (factors by code, see :func:`scale_vector`), for a lattice
+    over B·N points or over N (shared)."""
     b, n, c = values.shape
     lattice_batch = tensors[0].shape[0] // n
-    pre = scale_vector(tensors, int(pre_normalize))
-    post = scale_vector(tensors, int(post_normalize))
+    pre = scale_vector(tensors, pre_scale)
+    post = scale_vector(tensors, post_scale)
     if lattice_batch == 1 and b > 1:  # one shared lattice: fold the batch into channels
         points = values.permute(1, 0, 2).reshape(n, b * c)
         result = filter_flat(tensors, points, reverse, pre, post).reshape(n, b, c).permute(1, 0, 2)
@@ -180,21 +193,21 @@ def _lattice_filter(
 
 
 @torch.library.register_fake("crfasrnn::lattice_filter")
-def _(values, lattice, reverse, pre_normalize, post_normalize):
+def _(values, lattice, reverse, pre_scale, post_scale):
     return torch.empty_like(values, memory_format=torch.contiguous_format)
 
 
 def _filter_setup(ctx, inputs, output):
-    _, lattice, reverse, pre_normalize, post_normalize = inputs
+    _, lattice, reverse, pre_scale, post_scale = inputs
     ctx.save_for_backward(*lattice)
-    ctx.flags = (reverse, pre_normalize, post_normalize)
+    ctx.flags = (reverse, pre_scale, post_scale)
 
 
 def _filter_backward(ctx, grad):
-    reverse, pre_normalize, post_normalize = ctx.flags
+    reverse, pre_scale, post_scale = ctx.flags
     # the transpose of post ⊙ K (pre ⊙ v) is pre ⊙ Kᵀ (post ⊙ g), and Kᵀ is K with the axes blurred in reverse order
     grad_values = torch.ops.crfasrnn.lattice_filter(grad.contiguous(), list(ctx.saved_tensors), not reverse,
-                                                    post_normalize, pre_normalize)
+                                                    post_scale, pre_scale)
     return grad_values, [None] * len(ctx.saved_tensors), None, None, None
 
 

@@ -12,8 +12,6 @@ each iteration computes ``Q = U - M @ (W_s @ S + W_b @ B)`` with the compatibili
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import sys
 from typing import Literal
@@ -21,12 +19,21 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import _mean_field  # noqa: F401  (registers crfasrnn::mean_field)
+from .engine import (
+    _check_iterations,
+    _lattice,
+    _position_lattice,
+    _precision,
+    _require,
+    guided_features,
+    mean_field_scores,
+    position_features,
+)
 from .lattice import _ops as _lattice_ops
-from .lattice._build import max_feature_magnitude
 from .lattice import all_finite, resolve_backend
+from .lattice._build import max_feature_magnitude
 
-__all__ = ["CrfRnn", "crf_rnn", "spatial_features", "bilateral_features", "set_finite_check"]
+__all__ = ["CrfRnn", "bilateral_features", "crf_rnn", "set_finite_check", "spatial_features"]
 
 FiniteCheck = Literal["cpu", "always", "never"]
 _FINITE_CHECK: list[FiniteCheck] = ["cpu"]
@@ -56,12 +63,6 @@ def set_finite_check(mode: FiniteCheck) -> FiniteCheck:
 
 
 
-def _pixel_grid(height: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ys = torch.arange(height, dtype=like.dtype, device=like.device).view(height, 1).expand(height, width)
-    xs = torch.arange(width, dtype=like.dtype, device=like.device).view(1, width).expand(height, width)
-    return xs, ys
-
-
 def spatial_features(height: int, width: int, theta_gamma: float, *, like: torch.Tensor) -> torch.Tensor:
     """Features of the spatial kernel: ``(x / θγ, y / θγ)`` with x the column and y the row, 0-based (SPEC §2.1).
 
@@ -73,8 +74,7 @@ def spatial_features(height: int, width: int, theta_gamma: float, *, like: torch
     Returns:
         (1, 2, H, W) features (the same for every image of a batch).
     """
-    xs, ys = _pixel_grid(height, width, like)
-    return torch.stack([xs / theta_gamma, ys / theta_gamma])[None]
+    return position_features((height, width), theta_gamma, like=like)
 
 
 def bilateral_features(image: torch.Tensor, theta_alpha: float, theta_beta: float) -> torch.Tensor:
@@ -88,15 +88,7 @@ def bilateral_features(image: torch.Tensor, theta_alpha: float, theta_beta: floa
     Returns:
         (B, 5, H, W) features.
     """
-    b, _, h, w = image.shape
-    xs, ys = _pixel_grid(h, w, image)
-    xy = torch.stack([xs / theta_alpha, ys / theta_alpha])[None].expand(b, 2, h, w)
-    return torch.cat([xy, image / theta_beta], dim=1)
-
-
-def _check_iterations(num_iterations: int) -> None:
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
+    return guided_features(image, theta_alpha, theta_beta)
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -105,11 +97,6 @@ def _check_positive(name: str, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
-
-
-def _require(condition, message: str) -> None:
-    """``torch._check_value``: a ValueError eagerly, a runtime assertion (no graph break) in a compiled graph."""
-    torch._check_value(condition, lambda: message)
 
 
 def _check_inputs(
@@ -150,11 +137,6 @@ def _check_inputs(
 def _is_fake(tensor: torch.Tensor) -> bool:
     fake = sys.modules.get("torch._subclasses.fake_tensor")  # not imported: no fake tensor exists (and none is paid for)
     return fake is not None and fake.is_fake(tensor)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision the CRF computes in: float64 stays, everything else (half, bfloat16) is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def crf_rnn(
@@ -212,42 +194,19 @@ def _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, nu
     if num_iterations == 0:
         return unary
 
-    # Precision: the lattice is built from float32 (or float64) features and the iterations run in that precision, under
-    # autocast too (returning float32 there, as torch's precision-sensitive operations do); half inputs given directly
-    # come back in their dtype.
-    device_type = unary.device.type
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-    dtype = _compute_dtype(unary.dtype)
-    out_dtype = dtype if autocast else unary.dtype
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        b, c, h, w = unary.shape
+    with _precision(unary) as (dtype, out_dtype):
+        b, _, h, w = unary.shape
         _check_bandwidths(h, w, theta_alpha, theta_gamma, dtype)
         features = bilateral_features(image.detach().to(dtype), theta_alpha, theta_beta)
-        points = features.permute(0, 2, 3, 1).reshape(b, h * w, 5).contiguous()
-        if torch.compiler.is_compiling():
-            bilateral = _lattice_ops.build(points, backend)
-        else:
-            try:
-                bilateral = _lattice_ops.build(points, backend)
-            except ValueError as error:  # the colours' part of the features: name the bandwidth
-                raise ValueError(f"bilateral kernel (theta_alpha={theta_alpha:g}, theta_beta={theta_beta:g}): "
-                                 f"{error}") from None
-        if torch.compiler.is_compiling():  # built in the graph; eagerly, kept per size (as Caffe does at set-up)
-            spatial = _build_spatial(h, w, theta_gamma, unary.device, dtype, backend)
-        else:
-            spatial = _spatial_lattice(h, w, theta_gamma, unary.device, dtype, backend)
-
-        # Point layout (B, N, C): the lattices' native layout. With row vectors, Q = U − M (W_s S + W_b B) becomes
-        # q = u − s (M W_s)ᵀ − b (M W_b)ᵀ: two (C×C) products formed once instead of three large products per iteration.
+        bilateral = _lattice(f"bilateral kernel (theta_alpha={theta_alpha:g}, theta_beta={theta_beta:g})", features,
+                             b, (h, w), dtype, backend)
+        spatial = _position_lattice((h, w), theta_gamma, None, unary.device, dtype, backend)
+        # The engine's q = u − Σ_k msg_k (M W_k)ᵀ with the shared compatibility M, both kernels normalised after.
         matrices = [m.to(dtype) for m in (spatial_weights, bilateral_weights, compatibility)]
-        a_s = (matrices[2] @ matrices[0]).t().contiguous()
-        a_b = (matrices[2] @ matrices[1]).t().contiguous()
-        u = unary.to(dtype).permute(0, 2, 3, 1).reshape(b, h * w, c).contiguous()
-        save = torch.is_grad_enabled() and (u.requires_grad or a_s.requires_grad or a_b.requires_grad)
+        mixing = [(matrices[2] @ matrices[0]).t().contiguous(), (matrices[2] @ matrices[1]).t().contiguous()]
         after = _lattice_ops.NORMALIZE_AFTER  # CRF-RNN's normalisation: n ⊙ K p
-        q, _ = torch.ops.crfasrnn.mean_field(u, [*spatial, *bilateral], [a_s, a_b], [after, after], num_iterations,
-                                             save)
-        return q.view(b, h, w, c).permute(0, 3, 1, 2).contiguous().to(out_dtype)
+        return mean_field_scores(unary, [spatial, bilateral], mixing, [after, after], num_iterations, False, dtype,
+                                 out_dtype)
 
 
 def _check_bandwidths(height: int, width: int, theta_alpha: float, theta_gamma: float, dtype: torch.dtype) -> None:
@@ -264,21 +223,6 @@ def _check_bandwidths(height: int, width: int, theta_alpha: float, theta_gamma: 
                 f"would have up to {height * width * (d + 1):,} vertices per image, one simplex per pixel, and the "
                 f"kernel would be nearly the identity. Use {name} >= {extent / limit:.3g}"
             )
-
-
-def _build_spatial(height, width, theta_gamma, device, dtype, backend):
-    like = torch.empty(0, dtype=dtype, device=device)
-    features = spatial_features(height, width, theta_gamma, like=like)
-    return _lattice_ops.build(features.permute(0, 2, 3, 1).reshape(1, height * width, 2).contiguous(), backend)
-
-
-@functools.lru_cache(maxsize=2)
-def _spatial_lattice(
-    height: int, width: int, theta_gamma: float, device: torch.device, dtype: torch.dtype, backend: str
-) -> list[torch.Tensor]:
-    """The spatial lattice depends only on the image size: built once per size and kept (as Caffe does at set-up)."""
-    with torch.no_grad():
-        return _build_spatial(height, width, theta_gamma, device, dtype, backend)
 
 
 class CrfRnn(nn.Module):

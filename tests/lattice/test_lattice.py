@@ -230,8 +230,10 @@ def test_lattice_is_reused_without_rebuilding():
 
 def test_errors_name_the_problem():
     feats = torch.rand(1, 2, 4, 5)
-    with pytest.raises(ValueError, match=r"\(B, d, H, W\).*\(2, 4, 5\)"):
-        PermutohedralLattice(feats[0])
+    with pytest.raises(ValueError, match=r"\(B, d, \*spatial\).*\(4, 5\)"):
+        PermutohedralLattice(feats[0, 0])
+    with pytest.raises(ValueError, match=r"\(B, d, \*spatial\).*\(1, 1, 1, 1, 2, 4, 5\)"):
+        PermutohedralLattice(feats[None, None, None])
     with pytest.raises(TypeError, match="floating"):
         PermutohedralLattice(torch.ones(1, 2, 4, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="NaN"):

@@ -30,6 +30,7 @@ softmax, in one pass on numba) and :func:`filter_each` filters the same values t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -158,7 +159,8 @@ class PermutohedralLattice:
     on the image size).
 
     Args:
-        features: (B, d, H, W) floating tensor of per-pixel feature vectors, already divided by the bandwidths (the
+        features: (B, d, *spatial) floating tensor of per-point feature vectors (a signal, an image (B, d, H, W) or a
+            volume (B, d, D, H, W)), already divided by the bandwidths (the
             lattice approximates a Gaussian of standard deviation 1 in feature space). Not differentiated.
             float16 and bfloat16 features are converted to float32 (the lattice's arithmetic needs its precision);
             half values given to :meth:`filter` and :meth:`filter_points` are then filtered in float32 and returned
@@ -166,9 +168,9 @@ class PermutohedralLattice:
         backend: ``"auto"`` (numba on CPU where installed, torch otherwise), ``"torch"`` or ``"numba"`` (CPU only).
 
     Shape:
-        - features: (B, d, H, W)
-        - values given to :meth:`filter`: (B, C, H, W) or, with a lattice of batch 1, (B', C, H, W)
-        - values given to :meth:`filter_points`: (B, H·W, C) (channels last)
+        - features: (B, d, *spatial), 1 to 3 spatial dimensions (e.g. (B, d, H, W))
+        - values given to :meth:`filter`: (B, C, *spatial) or, with a lattice of batch 1, (B', C, *spatial)
+        - values given to :meth:`filter_points`: (B, N, C) (channels last; N the number of points, e.g. H·W)
         - output: same as the values
 
     Example:
@@ -181,19 +183,22 @@ class PermutohedralLattice:
     def __init__(self, features: torch.Tensor, *, backend: Backend = "auto") -> None:
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-        if features.ndim != 4:
-            raise ValueError(f"features must have shape (B, d, H, W), got {tuple(features.shape)}")
+        if not 3 <= features.ndim <= 5:
+            raise ValueError(f"features must have shape (B, d, *spatial) with 1 to 3 spatial dimensions, e.g. "
+                             f"(B, d, H, W), got {tuple(features.shape)}")
         if not features.is_floating_point():
             raise TypeError(f"features must be a floating tensor, got dtype {features.dtype}")
-        batch, d, height, width = features.shape
-        if batch < 1 or d < 1 or height < 1 or width < 1:
-            raise ValueError(f"features must have B, d, H, W >= 1, got shape {tuple(features.shape)}")
+        if min(features.shape) < 1:
+            raise ValueError(f"features must have B, d and every size >= 1, got shape {tuple(features.shape)}")
         backend = resolve_backend(backend, features.device)
         if features.dtype in _HALF:
             features = features.float()
-        points = features.detach().permute(0, 2, 3, 1).reshape(batch, height * width, d).contiguous()
-        self._init(_ops.build(points, backend), height * width)
-        self.size = (height, width)
+        batch, d = features.shape[:2]
+        size = tuple(int(s) for s in features.shape[2:])
+        num_points = math.prod(size)
+        points = features.detach().reshape(batch, d, num_points).transpose(1, 2).contiguous()
+        self._init(_ops.build(points, backend), num_points)
+        self.size = size
 
     def _init(self, tensors: list[torch.Tensor], num_points: int) -> None:
         self._tensors = tensors
@@ -201,14 +206,14 @@ class PermutohedralLattice:
         self.num_points = num_points
         self.batch_size = tensors[0].shape[0] // num_points
         self.dim = tensors[0].shape[1] - 1
-        self.size = (num_points, 1)
+        self.size: tuple[int, ...] = (num_points,)
         self.dtype = tensors[1].dtype
         self.device = tensors[1].device
         self._built_structure = None
 
     @classmethod
     def from_tensors(cls, tensors: Sequence[torch.Tensor], num_points: int) -> PermutohedralLattice:
-        """A lattice over the tensors of a built one (:attr:`tensors`), e.g. inside an operator; ``size`` is (N, 1)."""
+        """A lattice over the tensors of a built one (:attr:`tensors`), e.g. inside an operator; ``size`` is (N,)."""
         lattice = cls.__new__(cls)
         lattice._init(list(tensors), num_points)
         return lattice
@@ -238,25 +243,25 @@ class PermutohedralLattice:
         """Filter values through the lattice, differentiably with respect to ``values``.
 
         Args:
-            values: (B, C, H, W) tensor with the lattice's dtype, device and size; B must equal the lattice's batch
+            values: (B, C, *spatial) tensor with the lattice's dtype, device and size; B must equal the lattice's batch
                 size, or the lattice must have batch size 1 (then it filters every image of ``values``).
             reverse: blur the lattice axes in reverse order, which applies the transpose of the forward filter.
             normalize: divide the result per pixel by the filtered all-ones image (see :attr:`normalizer`), so that
                 the weights at each pixel sum to about one: ``n ⊙ K v``.
 
         Returns:
-            (B, C, H, W) filtered values.
+            (B, C, *spatial) filtered values.
         """
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
-        if values.ndim != 4 or tuple(values.shape[2:]) != self.size:
+        if values.ndim != 2 + len(self.size) or tuple(values.shape[2:]) != self.size:
             raise ValueError(
-                f"values must have shape (B, C, {self.size[0]}, {self.size[1]}) for this lattice, "
+                f"values must have shape (B, C, {', '.join(map(str, self.size))}) for this lattice, "
                 f"got {tuple(values.shape)}"
             )
-        b, c, h, w = values.shape
-        points = values.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        return self.filter_points(points, reverse, normalize).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        b, c = values.shape[:2]
+        points = values.reshape(b, c, self.num_points).transpose(1, 2)
+        return self.filter_points(points, reverse, normalize).transpose(1, 2).reshape(values.shape)
 
     def filter_points(
         self,

@@ -52,6 +52,7 @@ def test_opcheck_every_operator(device, backend, dtype):
     points = (torch.rand(2, 30, 3, generator=g, dtype=dtype) * 4).to(device)
     spatial_points = (torch.rand(1, 30, 2, generator=g, dtype=dtype) * 3).to(device)
     opcheck(torch.ops.crfasrnn.lattice_build.default, (points, backend))
+    opcheck(torch.ops.crfasrnn.lattice_build.default, (points[:, :29], backend, 4))  # the reference's padding
     bilateral = lattice_ops.build(points, backend)
     spatial = lattice_ops.build(spatial_points, backend)
     values = torch.rand(2, 30, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)

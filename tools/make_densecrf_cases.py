@@ -10,6 +10,9 @@ only the results are stored:
   ``klDivergence(Q5)`` and ``img_..._step`` Q after ``startInference`` and three ``stepInference``;
 * ``vol_...``: the same for a generic ``DenseCRF`` over a 6 × 8 × 10 volume with one intensity channel, its features
   made with ``utils.create_pairwise_gaussian`` and ``utils.create_pairwise_bilateral`` (the 4-D features of 3-D CRFs);
+* ``odd_img_q{T}`` and ``odd_vol_q{T}``: a 15 × 21 image and a 5 × 7 × 9 volume (point counts not multiples of 4, dark
+  near the origin of the features), where pydensecrf's SSE lattice adds the vertices of the zero vectors it pads the
+  points with (SPEC §3.4; the drop-in reproduces them);
 * ``utils_*``: the helpers' outputs (see ``inputs`` below).
 """
 
@@ -26,6 +29,8 @@ KERNELS = ["DIAG_KERNEL", "CONST_KERNEL", "FULL_KERNEL"]  # cycled through the c
 LABELS = 3
 IMAGE = (16, 20)
 VOLUME = (6, 8, 10)
+ODD_IMAGE = (15, 21)
+ODD_VOLUME = (5, 7, 9)
 
 
 def inputs():
@@ -43,6 +48,35 @@ def inputs():
     labels = rs.randint(0, LABELS + 1, size=IMAGE)
     probs = rs.dirichlet(np.ones(LABELS), size=IMAGE).transpose(2, 0, 1).astype(np.float32)
     return image, image_unary, volume, volume_unary, compat, labels, probs
+
+
+def odd_inputs():
+    """Inputs whose point counts are not multiples of 4, dark near the features' origin (where phantoms matter)."""
+    rs = np.random.RandomState(8)
+    image = rs.randint(0, 256, size=(*ODD_IMAGE, 3)).astype(np.uint8)
+    image[:4, :4] = rs.randint(0, 12, size=(4, 4, 3))
+    image_unary = np.ascontiguousarray(rs.uniform(0.1, 3.0, size=(LABELS, int(np.prod(ODD_IMAGE)))).astype(np.float32))
+    volume = (rs.rand(*ODD_VOLUME) * 100).astype(np.float32)
+    volume[:2, :2, :2] = rs.rand(2, 2, 2) * 5
+    volume_unary = np.ascontiguousarray(rs.uniform(0.1, 3.0, size=(LABELS, int(np.prod(ODD_VOLUME)))).astype(
+        np.float32))
+    return image, image_unary, volume, volume_unary
+
+
+def build_odd(dcrf, utils, kind: str):
+    """The odd-size CRFs (the same calls for pydensecrf and the drop-in)."""
+    image, image_unary, volume, volume_unary = odd_inputs()
+    if kind == "img":
+        d = dcrf.DenseCRF2D(ODD_IMAGE[1], ODD_IMAGE[0], LABELS)
+        d.setUnaryEnergy(image_unary)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=4, srgb=6, rgbim=image, compat=5)
+        return d
+    d = dcrf.DenseCRF(int(np.prod(ODD_VOLUME)), LABELS)
+    d.setUnaryEnergy(volume_unary)
+    d.addPairwiseEnergy(utils.create_pairwise_gaussian((1.0, 2.0, 2.0), ODD_VOLUME), compat=2)
+    d.addPairwiseEnergy(utils.create_pairwise_bilateral((2.0, 2.0, 2.0), 4.0, volume, chdim=-1), compat=5)
+    return d
 
 
 def weight(norm: str) -> float:
@@ -85,6 +119,10 @@ def main() -> int:
             d.addPairwiseEnergy(volume_gaussian, compat=2 * weight(norm), kernel=kernel, normalization=code)
             d.addPairwiseEnergy(volume_bilateral, compat=scaled, kernel=kernel, normalization=code)
             run(d, out, f"vol_{norm}_{form}")
+    for kind in ("img", "vol"):
+        d = build_odd(dcrf, utils, kind)
+        for t in (1, 5, 10):
+            out[f"odd_{kind}_q{t}"] = np.array(d.inference(t))
     out["utils_labels_unsure"] = utils.unary_from_labels(labels, LABELS, gt_prob=0.7, zero_unsure=True)
     out["utils_labels_sure"] = utils.unary_from_labels(labels % LABELS, LABELS, gt_prob=0.6, zero_unsure=False)
     out["utils_softmax"] = utils.unary_from_softmax(probs)

@@ -1,6 +1,7 @@
 """CRF-RNN semantic segmentation for modern PyTorch."""
 
 from .crf import CrfRnn, crf_rnn, set_finite_check
+from .engine import DenseCRF, GaussianKernel, dense_crf
 from .lattice import PermutohedralLattice, permutohedral_filter
 from .models import FCN8s, CrfRnnNet
 from .refine import refine
@@ -10,6 +11,9 @@ __all__ = [
     "CrfRnn",
     "crf_rnn",
     "set_finite_check",
+    "DenseCRF",
+    "GaussianKernel",
+    "dense_crf",
     "PermutohedralLattice",
     "permutohedral_filter",
     "FCN8s",

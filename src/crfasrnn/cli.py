@@ -332,11 +332,11 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
     from .refine import refine
 
     photo = read_image(image_path)
-    params = dict(
-        num_iterations=num_iterations, theta_alpha=args.theta_alpha, theta_beta=args.theta_beta,
-        theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight, bilateral_weight=args.bilateral_weight,
-        device=args.device,
-    )
+    params = {
+        "num_iterations": num_iterations, "theta_alpha": args.theta_alpha, "theta_beta": args.theta_beta,
+        "theta_gamma": args.theta_gamma, "spatial_weight": args.spatial_weight,
+        "bilateral_weight": args.bilateral_weight, "device": args.device,
+    }
     try:
         if args.labels is not None:
             annotation = read_annotation(source, labels_as=args.labels_as, unknown_label=args.unknown)
@@ -353,11 +353,29 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
         raise ValueError(f"{image_path}: {exc}") from None
 
 
+def _refine_volume(args: argparse.Namespace) -> int:
+    """`crfasrnn refine` of a 3-D volume (.npy, .nii, .nii.gz): one volume, one label volume written."""
+    from .volume import refine_volume_file
+
+    if args.overlay:
+        raise ValueError("--overlay is for photos: volumes are written as label volumes only")
+    if args.labels_as != "auto":
+        raise ValueError("--labels-as is for PNG label maps: volume labels are integers")
+    result = refine_volume_file(
+        args.image, args.output, labels=args.labels, probs=args.probs, spacing=args.spacing,
+        num_classes=args.num_classes, num_iterations=args.iterations, theta_alpha=args.theta_alpha,
+        theta_beta=args.theta_beta, theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight,
+        bilateral_weight=args.bilateral_weight, gt_prob=args.gt_prob, unknown_label=args.unknown,
+        normalize=args.normalize, device=args.device,
+    )
+    print(result.summary())
+    return 0
+
+
 def _refine(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .image import overlay, save_annotation, save_image, save_label_map, voc_palette
-
     from .refine import check_parameters
 
     check_parameters(
@@ -365,6 +383,12 @@ def _refine(args: argparse.Namespace) -> int:
         theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight, bilateral_weight=args.bilateral_weight,
         gt_prob=args.gt_prob, num_classes=args.num_classes,
     )
+    from .volume import volume_format
+
+    if volume_format(args.image) is not None and not _is_pattern(args.image) and not Path(args.image).is_dir():
+        return _refine_volume(args)
+    if args.spacing is not None:
+        raise ValueError("--spacing is for volumes (.npy, .nii, .nii.gz); photos are refined in pixels")
     jobs = _refine_jobs(args)
     from .files import check_output
 
@@ -414,19 +438,30 @@ def _add_max_pixels(parser) -> None:
 def _add_refine_parser(sub) -> None:
     p = sub.add_parser(
         "refine",
-        help="refine a rough label map or class probabilities with a dense CRF",
+        help="refine a rough label map or class probabilities of a photo or a 3-D volume with a dense CRF",
         description="Dense-CRF refinement of a label map (--labels) or class probabilities (--probs) of IMAGE. IMAGE "
         "may be a folder or a glob pattern; then --labels/--probs is a folder of <name>.png / <name>.npy files and -o "
         "a folder. Label maps: palette PNGs (VOC colours or a grey ramp) and grey PNGs are read as integers and keep "
         "their format; RGB annotations (and palette PNGs with other colours) have one class per colour and black "
         "for unknown, and are written back in their colours. Probabilities: .npy arrays (C, H, W) or (H, W, C), "
-        "possibly at a lower resolution with the image's aspect ratio.",
+        "possibly at a lower resolution with the image's aspect ratio. "
+        "3-D volumes: an IMAGE ending in .npy ((D, H, W) or (D, H, W, channels) intensities, e.g. several MRI "
+        "modalities) or .nii / .nii.gz (NIfTI, read with nibabel: pip install 'crfasrnn[nifti]'; axes X, Y, Z[, "
+        "channels] as stored) is refined as a volume: --labels is an integer volume of its spatial shape, --probs "
+        "(C, D, H, W) .npy or NIfTI (X, Y, Z, classes); the output is written in the volume's format (a NIfTI keeps "
+        "the affine and header). Distances (--theta-gamma, --theta-alpha) are then in the voxel spacing's units (mm "
+        "for NIfTI: header.get_zooms(), or --spacing), --theta-beta in the volume's intensity units, and the kernels "
+        "are normalised symmetrically (pydensecrf's default; photos keep CRF-RNN's per-pixel normalisation).",
     )
-    p.add_argument("image", help="photo, folder of photos, or glob pattern (quote it)")
+    p.add_argument("image", help="photo, folder of photos, glob pattern (quote it), or volume (.npy, .nii, .nii.gz)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--labels", help="label map PNG (or folder of them)")
-    src.add_argument("--probs", help="class probabilities .npy (or folder of them)")
-    p.add_argument("-o", "--output", help="output PNG, or folder (default: <image>_refined.png; for folders: refined/)")
+    src.add_argument("--labels", help="label map PNG (or folder of them); for a volume: label volume .npy / NIfTI")
+    src.add_argument("--probs", help="class probabilities .npy (or folder of them); for a volume: (C, D, H, W) .npy "
+                     "or (X, Y, Z, C) NIfTI")
+    p.add_argument("-o", "--output", help="output PNG, or folder (default: <image>_refined.png; for folders: refined/); "
+                   "for a volume: .npy or .nii / .nii.gz like the input (default: <volume>_refined.<ending>)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("A", "B", "C"),
+                   help="volumes: voxel size along the three array axes (default: the NIfTI header's, else 1 1 1)")
     p.add_argument("--overlay", action="store_true", help="also write <output>_overlay.png (photo blended with labels)")
     p.add_argument("--labels-as", choices=("auto", "index", "color"), default="auto",
                    help="read the label map as integers or as one class per colour (default: auto, see above)")
@@ -436,11 +471,14 @@ def _add_refine_parser(sub) -> None:
     p.add_argument("--normalize", action="store_true", help="rescale probabilities to sum to 1 instead of refusing")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     p.add_argument("--theta-alpha", type=float, default=80.0,
-                   help="bilateral kernel, position bandwidth in pixels (pydensecrf bilateral sxy; default: 80)")
+                   help="bilateral kernel, position bandwidth in pixels, for volumes in spacing units (pydensecrf "
+                   "bilateral sxy; default: 80)")
     p.add_argument("--theta-beta", type=float, default=13.0,
-                   help="bilateral kernel, colour bandwidth in 0..255 (pydensecrf srgb; default: 13)")
+                   help="bilateral kernel, colour bandwidth in 0..255, for volumes in intensity units (pydensecrf "
+                   "srgb; default: 13)")
     p.add_argument("--theta-gamma", type=float, default=3.0,
-                   help="spatial kernel bandwidth in pixels (pydensecrf Gaussian sxy; default: 3)")
+                   help="spatial kernel bandwidth in pixels, for volumes in spacing units, e.g. mm (pydensecrf "
+                   "Gaussian sxy; default: 3)")
     p.add_argument("--spatial-weight", type=float, default=3.0,
                    help="spatial kernel Potts weight (pydensecrf Gaussian compat; default: 3)")
     p.add_argument("--bilateral-weight", type=float, default=10.0,

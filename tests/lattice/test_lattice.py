@@ -539,3 +539,30 @@ def test_splat_work_is_split_evenly():
     assert entries.sum() == start[-1]
     busiest_vertex = np.diff(start).max()
     assert entries.max() <= start[-1] / (len(chunks) - 1) + busiest_vertex  # no item above its share plus one vertex
+
+
+# --- the reference's padding (phantom vertices) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_points", [9, 10, 11, 12])
+def test_pad_to_adds_the_vertices_of_the_zero_vectors_and_nothing_else(device_backend, num_points):
+    """``pad_to=4`` is the lattice over the points and the zero vectors that pad them to a multiple of 4, where the
+    zero vectors carry no value and are not sliced (what pydensecrf's and Caffe's SSE elevation does)."""
+    device, backend = device_backend
+    gen = torch.Generator().manual_seed(num_points)
+    features = (torch.rand(2, 3, num_points, generator=gen) * 2 + 0.3).to(device)
+    phantoms = (-num_points) % 4
+    padded = torch.cat([features, features.new_zeros(2, 3, phantoms)], dim=2)
+    values = torch.rand(2, num_points, 2, generator=gen).to(device)
+    padded_values = torch.cat([values, values.new_zeros(2, phantoms, 2)], dim=1)
+    ours = PermutohedralLattice(features, backend=backend, pad_to=4)
+    explicit = PermutohedralLattice(padded, backend=backend)
+    for reverse in (False, True):
+        want = explicit.filter_points(padded_values, reverse=reverse)[:, :num_points]
+        torch.testing.assert_close(ours.filter_points(values, reverse=reverse), want, rtol=1e-6, atol=1e-6)
+    ones = torch.cat([values.new_ones(2, num_points, 1), values.new_zeros(2, phantoms, 1)], dim=1)
+    torch.testing.assert_close(ours.normalizer, 1 / (explicit.filter_points(ones)[:, :num_points] + 2.220446049250313e-16),
+                               rtol=1e-6, atol=1e-6)
+    if phantoms == 0:
+        assert ours.num_vertices == PermutohedralLattice(features, backend=backend).num_vertices
+    with pytest.raises(ValueError, match="pad_to"):
+        PermutohedralLattice(features, backend=backend, pad_to=0)

@@ -238,7 +238,8 @@ class DenseCRF:
         if callable(features):
             lattice = features()
         else:
-            lattice = PermutohedralLattice(features.to(self._device), backend="auto")
+            # pydensecrf's SSE lattice adds the vertices of the zero vectors that pad the points to a multiple of 4
+            lattice = PermutohedralLattice(features.to(self._device), backend="auto", pad_to=4)
         self._pairwise.append(_Pairwise(lattice, mu, int(normalization)))
 
     # --- inference ---------------------------------------------------------------------------------------------------

@@ -166,6 +166,10 @@ class PermutohedralLattice:
             half values given to :meth:`filter` and :meth:`filter_points` are then filtered in float32 and returned
             in their dtype.
         backend: ``"auto"`` (numba on CPU where installed, torch otherwise), ``"torch"`` or ``"numba"`` (CPU only).
+        pad_to: build the lattice as the SSE reference implementations (pydensecrf, Caffe) do, whose elevation pads
+            each image's points with zero feature vectors to a multiple of 4 and adds those vectors' vertices to the
+            lattice (SPEC §3.4): ``pad_to=4`` reproduces their numbers where N is not a multiple of 4 (the
+            difference is of the order of 1e-4, near the zero vector). 1 (the default): no phantom vertices.
 
     Shape:
         - features: (B, d, *spatial), 1 to 3 spatial dimensions (e.g. (B, d, H, W))
@@ -180,7 +184,7 @@ class PermutohedralLattice:
         torch.Size([1, 3, 4, 5])
     """
 
-    def __init__(self, features: torch.Tensor, *, backend: Backend = "auto") -> None:
+    def __init__(self, features: torch.Tensor, *, backend: Backend = "auto", pad_to: int = 1) -> None:
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if not 3 <= features.ndim <= 5:
@@ -197,7 +201,8 @@ class PermutohedralLattice:
         size = tuple(int(s) for s in features.shape[2:])
         num_points = math.prod(size)
         points = features.detach().reshape(batch, d, num_points).transpose(1, 2).contiguous()
-        self._init(_ops.build(points, backend), num_points)
+        _ops.phantom_count(num_points, pad_to)  # validates
+        self._init(_ops.build(points, backend, pad_to), num_points)
         self.size = size
 
     def _init(self, tensors: list[torch.Tensor], num_points: int) -> None:

@@ -160,15 +160,20 @@ def _vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     return rem0[:, None, :d] + canonical
 
 
-def build_lattice(features: torch.Tensor) -> LatticeStructure:
+def build_lattice(features: torch.Tensor, phantoms: int = 0) -> LatticeStructure:
     """Build the lattice of a batch of point sets.
 
     Args:
         features: (B, N, d) floating tensor; the points of image b are ``features[b]``.
+        phantoms: zero feature vectors appended to each image whose vertices join the lattice but which are not
+            points of it (the reference's padding, see :func:`crfasrnn.lattice._ops.phantom_count`).
 
     Returns:
         The lattice structure over all B·N points (point index ``b*N + i``).
     """
+    real = features.shape[1]
+    if phantoms:
+        features = torch.cat([features, features.new_zeros(features.shape[0], phantoms, features.shape[2])], dim=1)
     batch, num_points, d = features.shape
     device = features.device
     flat = features.reshape(batch * num_points, d)
@@ -213,4 +218,7 @@ def build_lattice(features: torch.Tensor) -> LatticeStructure:
     neighbours = torch.where(found, pos, torch.full_like(pos, num_vertices))
     empty = torch.full((d + 1, 2, 1), num_vertices, dtype=torch.int64, device=device)
     neighbours = torch.cat([neighbours, empty], dim=2)
+    if phantoms:  # the phantoms' vertices stay in the lattice; the points are the real ones
+        offsets = offsets.view(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1)
+        bary = bary.view(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1)
     return LatticeStructure(offsets, bary, neighbours, num_vertices, d)

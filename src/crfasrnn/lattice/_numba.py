@@ -166,12 +166,16 @@ def _simplex_codes(features, scale, consts, low, strides, image_stride, points_p
     one = consts[1]
     inv = consts[2]
     chunk = 1024
+    stride_sum = np.int64(0)
+    for k in range(d):
+        stride_sum += strides[k]
     for ch in numba.prange((num_points + chunk - 1) // chunk):
         el = np.empty(d1, dtype=features.dtype)
         rem0 = np.empty(d1, dtype=np.int64)
         rem0f = np.empty(d1, dtype=features.dtype)  # the same integers, for float arithmetic in the features' dtype
         rank = np.empty(d1, dtype=np.int64)
         b = np.empty(d1 + 1, dtype=features.dtype)
+        by_rank = np.empty(d1, dtype=np.int64)  # the coordinate of each rank
         for p in range(ch * chunk, min(num_points, (ch + 1) * chunk)):
             _elevate(features, p, scale, consts, el)
             total = 0
@@ -207,14 +211,18 @@ def _simplex_codes(features, scale, consts, low, strides, image_stride, points_p
                 b[d - rank[i]] += t
                 b[d - rank[i] + 1] -= t
             b[0] += one + b[d1]
-            base = (p // points_per_image) * image_stride
+            # Vertex r's key is rem0[k] + r, less d+1 where rank[k] > d - r (the canonical simplex): from r to r+1 every
+            # coordinate grows by 1 and the one of rank d - r drops by d+1, so the codes follow in O(d), not O(d²).
+            code = (p // points_per_image) * image_stride
+            for k in range(d):
+                code += (rem0[k] - low[k]) * strides[k]
+                by_rank[rank[k]] = k
+            by_rank[rank[d]] = d
             for r in range(d1):
                 weights[p, r] = b[r]
-                code = base
-                for k in range(d):
-                    c = r if rank[k] <= d - r else r - d1
-                    code += (rem0[k] + c - low[k]) * strides[k]
                 codes[p, r] = code
+                k = by_rank[d - r]
+                code += stride_sum - (d1 * strides[k] if k < d else 0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -328,8 +336,12 @@ def _splat_lists(offsets, weights, num_vertices):  # pragma: no cover - compiled
 
 
 @parallel_kernel
-def build_lattice(points: torch.Tensor) -> NumbaLattice:
-    """Build the lattice of (B, N, d) contiguous CPU points (see :func:`crfasrnn.lattice._build.build_lattice`)."""
+def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
+    """Build the lattice of (B, N, d) contiguous CPU points (see :func:`crfasrnn.lattice._build.build_lattice`);
+    ``phantoms`` zero feature vectors per image add their vertices but are not points of the lattice."""
+    real = points.shape[1]
+    if phantoms:
+        points = torch.cat([points, points.new_zeros(points.shape[0], phantoms, points.shape[2])], dim=1)
     batch, num_points, d = points.shape
     feats = points.reshape(batch * num_points, d).numpy()
     dtype = feats.dtype
@@ -372,6 +384,9 @@ def build_lattice(points: torch.Tensor) -> NumbaLattice:
     )
     neighbours = np.empty((d + 1, 2, num_vertices + 1), dtype=np.int32)
     _neighbours(unique, table_codes, table_ids, bits, shifts, neighbours)
+    if phantoms:  # the phantoms' vertices stay in the lattice; the points are the real ones
+        offsets = np.ascontiguousarray(offsets.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
+        weights = np.ascontiguousarray(weights.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
     start, splat_points, splat_weights = _splat_lists(offsets, weights, num_vertices)
     targets = np.linspace(0, start[-1], _SPLAT_CHUNKS + 1)
     chunks = np.unique(np.searchsorted(start, targets).clip(0, num_vertices).astype(np.int64))

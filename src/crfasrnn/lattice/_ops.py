@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
     _numba = None
 
 __all__ = ["FIELDS", "NORMALISER_EPS", "build", "filter_flat", "filter_tensors", "is_numba", "mode_codes", "mode_scales",
-           "scale_vector", "structure"]
+           "phantom_count", "scale_vector", "structure"]
 
 #: The tensors of a built lattice over P points with d features, in order (M: the number of vertices).
 FIELDS = (
@@ -130,18 +130,24 @@ def filter_tensors(tensors, values, reverse, pre_scale, post_scale, out=None):
 # --- crfasrnn::lattice_build ----------------------------------------------------------------------------------------
 
 
-@operator("lattice_build(Tensor points, str backend) -> Tensor[]")
-def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
-    """Build the lattice of (B, N, d) contiguous points (already scaled by the bandwidths); see :data:`FIELDS`."""
+@operator("lattice_build(Tensor points, str backend, int pad_to=1) -> Tensor[]")
+def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]:
+    """Build the lattice of (B, N, d) contiguous points (already scaled by the bandwidths); see :data:`FIELDS`.
+
+    ``pad_to`` > 1 adds the vertices of the zero feature vector that the SSE reference implementations (pydensecrf,
+    Caffe) insert when they pad each image's points to a multiple of ``pad_to`` (see :func:`phantom_count`); the
+    lattice's points are still the N given.
+    """
     points = points.contiguous()
     check_extent(points)  # before any compiled code: NaN, Inf, magnitudes the arithmetic cannot handle
+    phantoms = phantom_count(points.shape[1], pad_to)
     if backend == "numba":
-        lat = _numba.build_lattice(points)
+        lat = _numba.build_lattice(points, phantoms)
         arrays = (lat.offsets, lat.weights, lat.blur_neighbours)
         splat = (lat.splat_start, lat.splat_points, lat.splat_weights, lat.splat_chunks)
         tensors = [torch.from_numpy(a) for a in arrays] + [torch.empty(0)] + [torch.from_numpy(a) for a in splat]
     else:
-        lat = build_lattice(points)
+        lat = build_lattice(points, phantoms)
         empty_index = points.new_empty(0, dtype=torch.int64)
         tensors = [lat.offsets, lat.weights, lat.blur_neighbours, points.new_empty(0), empty_index,
                    points.new_empty(0, dtype=torch.int32), points.new_empty(0), empty_index.clone()]
@@ -152,11 +158,11 @@ def _lattice_build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
 
 
 @torch.library.register_fake("crfasrnn::lattice_build")
-def _(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
+def _(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]:
     b, n, d = points.shape
     num = b * n
     numba = backend == "numba"
-    rows, chunks = num * (d + 1) + 1, 2  # nominal sizes (the most vertices possible), where no symbol can be made
+    rows, chunks = (num + b * phantom_count(n, pad_to)) * (d + 1) + 1, 2  # nominal sizes (the most vertices possible), where no symbol can be made
     ctx = torch.library.get_ctx() if points.device.type != "meta" else None  # meta tensors carry no data
     if ctx is not None and getattr(ctx, "_shape_env", None) is not None:  # else a FakeTensorMode without a ShapeEnv
         rows = ctx.new_dynamic_size(min=2)  # M + 1 rows: the vertices and the empty one
@@ -175,9 +181,21 @@ def _(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
     return [offsets, weights, neighbours, normalizer, *splat]
 
 
-def build(points: torch.Tensor, backend: str) -> list[torch.Tensor]:
+def build(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]:
     """Build a lattice with the registered operator (``backend`` is ``"numba"`` or ``"torch"``)."""
-    return torch.ops.crfasrnn.lattice_build(points, backend)
+    return torch.ops.crfasrnn.lattice_build(points, backend, pad_to)
+
+
+def phantom_count(num_points: int, pad_to: int) -> int:
+    """How many zero feature vectors an SSE reference implementation appends to an image of ``num_points`` points.
+
+    pydensecrf's and Caffe's lattices elevate the points four at a time and pad the last group with zero features,
+    whose simplex vertices they insert into the lattice like any other (SPEC §3.4, the "phantom vertices"): the blur
+    then also passes through the vertices around the zero vector. ``pad_to`` is that group size (4), or 1 for none.
+    """
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise ValueError(f"pad_to must be an integer >= 1, got {pad_to!r}")
+    return (-num_points) % pad_to
 
 
 # --- crfasrnn::lattice_filter ---------------------------------------------------------------------------------------

@@ -313,26 +313,41 @@ def _neighbours(unique, table_codes, table_ids, bits, shifts, out):  # pragma: n
         out[j, 1, num_vertices] = num_vertices
 
 
-@numba.njit(cache=True, nogil=True)
-def _splat_lists(offsets, weights, num_vertices):  # pragma: no cover - compiled
-    """Vertex-major lists of (point, weight), each vertex's entries in point order."""
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _splat_lists(offsets, weights, num_vertices, num_chunks):  # pragma: no cover - compiled
+    """Vertex-major lists of (point, weight), each vertex's entries in point order: a counting sort in parallel.
+
+    The points are cut into ``num_chunks`` ranges; each range counts its entries per vertex, an exclusive scan over
+    (vertex, range) gives every range its first slot in every vertex's list, and the ranges then write their entries
+    in parallel. The lists are the same for any number of ranges.
+    """
     num_points, d1 = offsets.shape
-    start = np.zeros(num_vertices + 2, dtype=np.int64)
-    for p in range(num_points):
-        for r in range(d1):
-            start[offsets[p, r] + 2] += 1
-    for v in range(2, num_vertices + 2):
-        start[v] += start[v - 1]
+    step = (num_points + num_chunks - 1) // num_chunks
+    slots = np.zeros((num_chunks, num_vertices), dtype=np.int64)
+    for ch in numba.prange(num_chunks):
+        for p in range(ch * step, min(num_points, (ch + 1) * step)):
+            for r in range(d1):
+                slots[ch, offsets[p, r]] += 1
+    start = np.empty(num_vertices + 1, dtype=np.int64)
+    running = 0
+    for v in range(num_vertices):
+        start[v] = running
+        for ch in range(num_chunks):
+            count = slots[ch, v]
+            slots[ch, v] = running
+            running += count
+    start[num_vertices] = running
     points = np.empty(num_points * d1, dtype=np.int32)
     entry_weights = np.empty(num_points * d1, dtype=weights.dtype)
-    for p in range(num_points):
-        for r in range(d1):
-            v = offsets[p, r]
-            e = start[v + 1]
-            points[e] = p
-            entry_weights[e] = weights[p, r]
-            start[v + 1] = e + 1
-    return start[: num_vertices + 1], points, entry_weights
+    for ch in numba.prange(num_chunks):
+        for p in range(ch * step, min(num_points, (ch + 1) * step)):
+            for r in range(d1):
+                v = offsets[p, r]
+                e = slots[ch, v]
+                points[e] = p
+                entry_weights[e] = weights[p, r]
+                slots[ch, v] = e + 1
+    return start, points, entry_weights
 
 
 @parallel_kernel
@@ -374,6 +389,7 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
 
     offsets = np.empty((batch * num_points, d + 1), dtype=np.int32)
     table_codes, table_ids, unique, bits = _insert_all(codes, offsets)
+    del codes  # (P, d+1) int64: freed before the splat lists are made, which keeps the peak down
     num_vertices = unique.shape[0]
 
     all_ones = int(stride_arr.sum())
@@ -387,7 +403,12 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
     if phantoms:  # the phantoms' vertices stay in the lattice; the points are the real ones
         offsets = np.ascontiguousarray(offsets.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
         weights = np.ascontiguousarray(weights.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
-    start, splat_points, splat_weights = _splat_lists(offsets, weights, num_vertices)
+    # ranges for the parallel counting sort: a few per thread, each of at least 64k points, and their (ranges, M)
+    # table of slots no larger than a quarter of the lists' entries
+    entries = offsets.shape[0] * (d + 1)
+    chunks_for_lists = max(1, min(numba.get_num_threads() * 2, offsets.shape[0] // 65536, entries // (4 * max(
+        num_vertices, 1))))
+    start, splat_points, splat_weights = _splat_lists(offsets, weights, num_vertices, chunks_for_lists)
     targets = np.linspace(0, start[-1], _SPLAT_CHUNKS + 1)
     chunks = np.unique(np.searchsorted(start, targets).clip(0, num_vertices).astype(np.int64))
     chunks[0], chunks[-1] = 0, num_vertices

@@ -26,6 +26,7 @@ bench-setup: $(STAMP)
 
 bench: bench-setup
 	$(PY) bench/crf_speed.py
+	$(PY) bench/densecrf_speed.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -191,3 +191,49 @@ def test_position_features_order_spacing_and_the_cached_lattice():
 def test_bad_input_raises_one_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+_COMPILE_SCRIPT = """
+import json, torch
+from crfasrnn import DenseCRF, GaussianKernel
+
+torch.manual_seed(0)
+crf = DenseCRF(3, [GaussianKernel(positions=(1.0, 2.0, 2.0), weight=torch.rand(3)),
+                   GaussianKernel(positions=3.0, guide=(0.2, 0.4), weight=torch.rand(3, 3), normalization="after")],
+               num_iterations=3, compatibility=torch.rand(3, 3) - 1)
+report = {}
+for fullgraph in (False, True):
+    compiled = torch.compile(crf, fullgraph=fullgraph)
+    for shape in ((4, 6, 7), (5, 3, 8)):
+        unary = torch.randn(2, 3, *shape, requires_grad=True)
+        guide = torch.rand(2, 2, *shape)
+        results = []
+        for fn in (compiled, crf):
+            out = fn(unary, guide, spacing=(2.0, 1.0, 1.0))
+            grads = torch.autograd.grad(out.square().sum(), [unary, *crf.parameters()])
+            results.append([out.detach(), *grads])
+        err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))
+        report[f"{fullgraph}-{shape}"] = err
+exported = torch.export.export(crf, (torch.randn(1, 3, 4, 6, 7), torch.rand(1, 2, 4, 6, 7)))
+targets = sorted({str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "crfasrnn" in str(n.target)})
+x = (torch.randn(1, 3, 4, 6, 7), torch.rand(1, 2, 4, 6, 7))
+export_err = float((exported.module()(*x) - crf(*x)).abs().max())
+print(json.dumps({"compile": report, "targets": targets, "export_err": export_err}))
+"""
+
+
+def test_compiled_and_exported_3d_crf_equal_eager(tmp_path):
+    """torch.compile (default and fullgraph) of a 3-D DenseCRF with a guide, forward and backward, two sizes, and
+    torch.export: equal to eager (in a fresh process, so that dynamo stays out of the other tests)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "compile_engine.py"
+    script.write_text(_COMPILE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report["compile"]) == 4 and max(report["compile"].values()) <= 1e-5, report
+    assert {"crfasrnn.lattice_build.default", "crfasrnn.mean_field.default"} <= set(report["targets"]), report
+    assert report["export_err"] <= 1e-5, report

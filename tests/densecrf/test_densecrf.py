@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import crfasrnn.densecrf as dcrf
@@ -35,7 +36,7 @@ def cases():
         return dict(f)
 
 
-def _build(kind: str, norm: str, form: str):
+def _build(kind: str, norm: str, form: str, backend: str = "auto"):
     """The case generator's CRF, built with the drop-in."""
     image, image_unary, volume, volume_unary, compat, _, _ = TOOL.inputs()
     i, j = NORMS.index(norm), FORMS.index(form)
@@ -44,13 +45,13 @@ def _build(kind: str, norm: str, form: str):
     scale = TOOL.weight(norm)
     if kind == "img":
         h, w = TOOL.IMAGE
-        d = dcrf.DenseCRF2D(w, h, TOOL.LABELS)
+        d = dcrf.DenseCRF2D(w, h, TOOL.LABELS, backend=backend)
         d.setUnaryEnergy(image_unary)
         d.addPairwiseGaussian(sxy=(3, 2), compat=3 * scale, kernel=kernel, normalization=code)
         d.addPairwiseBilateral(sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=compat[form] * scale,
                                kernel=kernel, normalization=code)
         return d
-    d = dcrf.DenseCRF(int(np.prod(TOOL.VOLUME)), TOOL.LABELS)
+    d = dcrf.DenseCRF(int(np.prod(TOOL.VOLUME)), TOOL.LABELS, backend=backend)
     d.setUnaryEnergy(volume_unary)
     d.addPairwiseEnergy(utils.create_pairwise_gaussian((2.0, 3.0, 3.0), TOOL.VOLUME), compat=2 * scale,
                         kernel=kernel, normalization=code)
@@ -59,12 +60,13 @@ def _build(kind: str, norm: str, form: str):
     return d
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # torch: the CUDA path, here on the CPU
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("kind", ["img", "vol"])
-def test_inference_matches_pydensecrf2(cases, kind, norm, form):
+def test_inference_matches_pydensecrf2(cases, kind, norm, form, backend):
     """Q after 1, 5 and 10 iterations, klDivergence and stepped inference, for 2-D images and 3-D volumes."""
-    d = _build(kind, norm, form)
+    d = _build(kind, norm, form, backend)
     prefix = f"{kind}_{norm}_{form}"
     for t in (1, 5, 10):
         q = np.array(d.inference(t))
@@ -189,6 +191,23 @@ def test_constants_have_pydensecrf_values():
     assert (dcrf.NO_NORMALIZATION, dcrf.NORMALIZE_BEFORE, dcrf.NORMALIZE_AFTER, dcrf.NORMALIZE_SYMMETRIC) == (0, 1, 2, 3)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_device_gives_the_same_numbers(device):
+    """``device=`` computes there (the torch back end on CUDA); the results come back as numpy arrays."""
+    cpu = _build("img", "symmetric", "matrix")
+    image, image_unary, _, _, compat, _, _ = TOOL.inputs()
+    h, w = TOOL.IMAGE
+    there = dcrf.DenseCRF2D(w, h, TOOL.LABELS, device=device)
+    there.setUnaryEnergy(image_unary)
+    there.addPairwiseGaussian(sxy=(3, 2), compat=3, kernel=dcrf.FULL_KERNEL)
+    there.addPairwiseBilateral(sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=compat["matrix"],
+                               kernel=dcrf.FULL_KERNEL)
+    q = there.inference(5)
+    assert isinstance(q, np.ndarray)
+    np.testing.assert_allclose(q, cpu.inference(5), atol=1e-5)
+    assert there.klDivergence(q) == pytest.approx(cpu.klDivergence(q), rel=1e-5)
+
+
 def test_live_against_pydensecrf2_on_random_problems():
     """Where pydensecrf2 is installed (``make bench-setup``): random sizes, bandwidths and compatibilities."""
     pd = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is a bench extra (make bench-setup)")
@@ -245,7 +264,8 @@ def test_classic_examples_through_the_drop_in(index):
     result = colorize[np.argmax(q, axis=0)].reshape(img.shape)
     reference = np.asarray(Image.open(folder / f"out{index}.png").convert("RGB"))
     agreement = (result == reference).all(axis=2).mean()
-    assert agreement >= 0.99, f"example {index}: {agreement:.4f} of pixels agree"
+    # measured 99.951 %, 99.877 % and 99.931 %, as pydensecrf2 (whose labels the drop-in's equal on every pixel)
+    assert agreement >= 0.998, f"example {index}: {agreement:.4f} of pixels agree"
 
 
 @pytest.mark.parametrize("kind", ["img", "vol"])

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..engine import guided_features, mean_field_points, position_lattice
-from ..lattice import PermutohedralLattice, filter_each
+from ..lattice import PermutohedralLattice, filter_each, resolve_backend
 
 __all__ = [
     "CONST_KERNEL",
@@ -172,6 +172,8 @@ class DenseCRF:
         nvar: number of points N.
         nlabels: number of labels C.
         device: where to compute (``None``: the CPU); results come back as numpy arrays.
+        backend: the lattice back end (``"auto"``: numba on the CPU where installed, else torch; ``"torch"`` is the
+            CUDA path, also on the CPU).
 
     Example:
         >>> d = DenseCRF(6, 2)
@@ -181,10 +183,12 @@ class DenseCRF:
         array([0, 0, 0, 1, 1, 1])
     """
 
-    def __init__(self, nvar: int, nlabels: int, *, device: str | torch.device | None = None) -> None:
+    def __init__(self, nvar: int, nlabels: int, *, device: str | torch.device | None = None,
+                 backend: str = "auto") -> None:
         self._nvar = _integer("nvar", nvar)
         self._nlabel = _integer("nlabels", nlabels)
         self._device = torch.device("cpu" if device is None else device)
+        self._backend = resolve_backend(backend, self._device)
         self._scores: torch.Tensor | None = None  # (1, N, C) −U
         self._pairwise: list[_Pairwise] = []
 
@@ -239,7 +243,7 @@ class DenseCRF:
             lattice = features()
         else:
             # pydensecrf's SSE lattice adds the vertices of the zero vectors that pad the points to a multiple of 4
-            lattice = PermutohedralLattice(features.to(self._device), backend="auto", pad_to=4)
+            lattice = PermutohedralLattice(features.to(self._device), backend=self._backend, pad_to=4)
         self._pairwise.append(_Pairwise(lattice, mu, int(normalization)))
 
     # --- inference ---------------------------------------------------------------------------------------------------
@@ -328,17 +332,19 @@ class DenseCRF2D(DenseCRF):
         (2, 24)
     """
 
-    def __init__(self, w: int, h: int, nlabels: int, *, device: str | torch.device | None = None) -> None:
+    def __init__(self, w: int, h: int, nlabels: int, *, device: str | torch.device | None = None,
+                 backend: str = "auto") -> None:
         self._w = _integer("w", w)
         self._h = _integer("h", h)
-        super().__init__(self._w * self._h, nlabels, device=device)
+        super().__init__(self._w * self._h, nlabels, device=device, backend=backend)
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """A Gaussian kernel over positions: features ``(x / sx, y / sy)``; ``sxy`` is a number or ``(sx, sy)``."""
         sx, sy = _pair("sxy", sxy)
         like = torch.empty(0, device=self._device)
         # positions only: the lattice depends on the size alone and is kept for the next CRF of this size
-        self._add(lambda: position_lattice((self._h, self._w), (sy, sx), like=like), compat, kernel, normalization)
+        self._add(lambda: position_lattice((self._h, self._w), (sy, sx), like=like, backend=self._backend), compat,
+                  kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,
                              normalization=NORMALIZE_SYMMETRIC):

@@ -53,6 +53,11 @@ def test_opcheck_every_operator(device, backend, dtype):
     spatial_points = (torch.rand(1, 30, 2, generator=g, dtype=dtype) * 3).to(device)
     opcheck(torch.ops.crfasrnn.lattice_build.default, (points, backend))
     opcheck(torch.ops.crfasrnn.lattice_build.default, (points[:, :29], backend, 4))  # the reference's padding
+    opcheck(torch.ops.crfasrnn.lattice_build.default, (points, backend, 1, True))  # compact: no splat lists
+    compact = lattice_ops.build(points, backend, 1, True)
+    opcheck(torch.ops.crfasrnn.mean_field.default, (torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device),
+                                                    compact, [-2.0 * torch.eye(4, dtype=dtype, device=device)], [3], 2,
+                                                    False))
     bilateral = lattice_ops.build(points, backend)
     spatial = lattice_ops.build(spatial_points, backend)
     values = torch.rand(2, 30, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)

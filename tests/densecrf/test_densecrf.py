@@ -175,6 +175,8 @@ def test_set_unary_forms_agree():
         (lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.zeros((3, 4, 1), np.uint8), compat=3),
          "only works for RGB"),
         (lambda d: d.addPairwiseEnergy(np.zeros((2, 11), np.float32), compat=3), r"Need \(\?, 12\)"),
+        (lambda d: d.addPairwiseEnergy(np.full((2, 12), np.inf, np.float32), compat=3), "NaN or Inf"),
+        (lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.full((3, 4, 3), np.nan), compat=3), "NaN or Inf"),
         (lambda d: d.stepInference(np.zeros((2, 5), np.float32)), r"Bad shape for Q"),
         (lambda d: d.inference(-1), ">= 0"),
     ],

@@ -566,3 +566,26 @@ def test_pad_to_adds_the_vertices_of_the_zero_vectors_and_nothing_else(device_ba
         assert ours.num_vertices == PermutohedralLattice(features, backend=backend).num_vertices
     with pytest.raises(ValueError, match="pad_to"):
         PermutohedralLattice(features, backend=backend, pad_to=0)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_compact_lattices_filter_like_the_default_ones(transpose):
+    """A compact lattice (no splat lists: the splat scatters ranges of points) gives the default lattice's filterings
+    to float rounding, alone, through filter_each and in the fused filter_sum, with and without normalisations."""
+    gen = torch.Generator().manual_seed(4)
+    features = torch.rand(2, 4, 40000, generator=gen) * torch.tensor([6.0, 6.0, 3.0, 2.0]).view(1, 4, 1)
+    default, compact = PermutohedralLattice(features), PermutohedralLattice(features, compact=True)
+    assert compact.tensors[5].numel() == 0 < default.tensors[5].numel()  # no splat lists
+    values = torch.rand(2, 40000, 3, generator=gen)
+    for normalize in (False, True):
+        want = default.transpose_points(values, normalize) if transpose else default.filter_points(values,
+                                                                                                    normalize=normalize)
+        got = compact.transpose_points(values, normalize) if transpose else compact.filter_points(values,
+                                                                                                   normalize=normalize)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    other = PermutohedralLattice(features[:, :2] * 2, compact=True)
+    scales = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.3, 2.0])]
+    for modes in ([3, 3], [0, 2]):
+        want = filter_sum(values, [default, PermutohedralLattice(features[:, :2] * 2)], scales, modes=modes)
+        torch.testing.assert_close(filter_sum(values, [compact, other], scales, modes=modes), want, rtol=1e-5,
+                                   atol=1e-5)

@@ -63,19 +63,26 @@ def test_lattice_of_features_divided_by_a_tiny_bandwidth_raises(backend):
 
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 def test_the_compiled_construction_guards_its_own_indices():
-    """Even past the magnitude check (called directly), a point whose simplex cannot be found raises."""
+    """The compiled build checks the magnitudes in its first pass; and even past that check (switched off here), a
+    point whose simplex cannot be found raises."""
     proc = _run(
         """
         import torch
         from crfasrnn.lattice import _numba
-        try:
-            _numba.build_lattice((torch.rand(1, 40000, 2, generator=torch.Generator().manual_seed(0)) * 2e8))
-        except ValueError as error:
-            print("ValueError:", error)
+        points = torch.rand(1, 40000, 2, generator=torch.Generator().manual_seed(0)) * 2e8
+        for check in (True, False):
+            if not check:
+                _numba.check_magnitudes = lambda *args: None
+            try:
+                _numba.build_lattice(points)
+            except ValueError as error:
+                print("ValueError:", error)
         """
     )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    assert "ValueError: lattice features too large" in proc.stdout
+    first, second = proc.stdout.strip().splitlines()
+    assert first.startswith("ValueError: lattice feature 0 reaches 2e+08"), first
+    assert second.startswith("ValueError: lattice features too large"), second
 
 
 def test_huge_image_values_and_tiny_bandwidths_name_the_bandwidth():

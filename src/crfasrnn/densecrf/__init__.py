@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..engine import guided_features, mean_field_points, position_lattice
-from ..lattice import PermutohedralLattice, filter_each, resolve_backend
+from ..lattice import PermutohedralLattice, all_finite, filter_each, resolve_backend
 
 __all__ = [
     "CONST_KERNEL",
@@ -96,14 +96,16 @@ def _integer(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def _real_array(name: str, value, ndim: int) -> np.ndarray:
+def _real_array(name: str, value, ndim: int, *, check_finite: bool = True) -> np.ndarray:
+    """``value`` as a float32 array of ``ndim`` dimensions; NaN and Inf refused where ``check_finite`` (features are
+    checked by the lattice's construction itself, in its first pass over them)."""
     array = np.asarray(value)
     if array.dtype.kind not in "fiub":
         raise ValueError(f"{name} must be an array of real numbers, got dtype {array.dtype}")
     if array.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
     array = array.astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
+    if check_finite and array.size and not all_finite(torch.from_numpy(array)):
         raise ValueError(f"{name} {array.shape} contains NaN or Inf")
     return array
 
@@ -225,7 +227,7 @@ class DenseCRF:
             kernel: ``DIAG_KERNEL``, ``CONST_KERNEL`` or ``FULL_KERNEL``.
             normalization: ``NO_NORMALIZATION``, ``NORMALIZE_BEFORE``, ``NORMALIZE_AFTER`` or ``NORMALIZE_SYMMETRIC``.
         """
-        features = _real_array("features", features, 2)
+        features = _real_array("features", features, 2, check_finite=False)
         if features.shape[1] != self._nvar:
             raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), got {features.shape})")
         self._add(torch.from_numpy(np.ascontiguousarray(features))[None], compat, kernel, normalization)
@@ -243,7 +245,8 @@ class DenseCRF:
             lattice = features()
         else:
             # pydensecrf's SSE lattice adds the vertices of the zero vectors that pad the points to a multiple of 4
-            lattice = PermutohedralLattice(features.to(self._device), backend=self._backend, pad_to=4)
+            # compact: pydensecrf keeps one index and one weight per point and vertex; so does a compact lattice
+            lattice = PermutohedralLattice(features.to(self._device), backend=self._backend, pad_to=4, compact=True)
         self._pairwise.append(_Pairwise(lattice, mu, int(normalization)))
 
     # --- inference ---------------------------------------------------------------------------------------------------
@@ -367,7 +370,7 @@ class DenseCRF2D(DenseCRF):
             raise ValueError("addPairwiseBilateral only works for RGB images. For other types, use "
                              "`utils.create_pairwise_bilateral` to construct your own pairwise energy and add it "
                              "through `addPairwiseEnergy`.")
-        colours = torch.from_numpy(_real_array("rgbim", image, 3)).permute(2, 0, 1)[None]
+        colours = torch.from_numpy(_real_array("rgbim", image, 3, check_finite=False)).permute(2, 0, 1)[None]
         srgb = tuple(_positive("srgb", s) for s in srgb)
         self._add(guided_features(colours, (sy, sx), srgb), compat, kernel, normalization)
 

@@ -170,6 +170,11 @@ class PermutohedralLattice:
             each image's points with zero feature vectors to a multiple of 4 and adds those vectors' vertices to the
             lattice (SPEC §3.4): ``pad_to=4`` reproduces their numbers where N is not a multiple of 4 (the
             difference is of the order of 1e-4, near the zero vector). 1 (the default): no phantom vertices.
+        compact: on the numba back end, keep no vertex-major splat lists (two arrays of one entry per point and
+            vertex): the splat then scatters ranges of points into grids of their own, summed in order. About half
+            the memory, and faster where the lattice has few vertices and the values few channels (volumes); the
+            sums' order differs, so results differ from the default's in the last bits. The torch back end has no
+            lists either way.
 
     Shape:
         - features: (B, d, *spatial), 1 to 3 spatial dimensions (e.g. (B, d, H, W))
@@ -184,7 +189,8 @@ class PermutohedralLattice:
         torch.Size([1, 3, 4, 5])
     """
 
-    def __init__(self, features: torch.Tensor, *, backend: Backend = "auto", pad_to: int = 1) -> None:
+    def __init__(self, features: torch.Tensor, *, backend: Backend = "auto", pad_to: int = 1,
+                 compact: bool = False) -> None:
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if not 3 <= features.ndim <= 5:
@@ -202,7 +208,7 @@ class PermutohedralLattice:
         num_points = math.prod(size)
         points = features.detach().reshape(batch, d, num_points).transpose(1, 2).contiguous()
         _ops.phantom_count(num_points, pad_to)  # validates
-        self._init(_ops.build(points, backend, pad_to), num_points)
+        self._init(_ops.build(points, backend, pad_to, compact), num_points)
         self.size = size
 
     def _init(self, tensors: list[torch.Tensor], num_points: int) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LatticeStructure", "build_lattice", "check_extent", "max_feature_magnitude", "scale_factors", "span_error"]
+__all__ = ["LatticeStructure", "build_lattice", "check_extent", "check_magnitudes", "max_feature_magnitude",
+           "scale_factors", "span_error"]
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,26 @@ def check_extent(points: torch.Tensor) -> None:
     d = points.shape[-1]
     flat = points.reshape(-1, d)
     low, high = torch.aminmax(flat, dim=0)
-    magnitude = torch.maximum(low.abs(), high.abs()).double().cpu()
-    if not bool(torch.isfinite(magnitude).all()):
+    low, high = low.double().cpu(), high.double().cpu()
+    check_magnitudes(low, high, not bool(torch.isfinite(low).all() & torch.isfinite(high).all()), points.dtype,
+                     flat.shape[0])
+
+
+def check_magnitudes(low: torch.Tensor, high: torch.Tensor, non_finite: bool, dtype: torch.dtype, num_points: int):
+    """:func:`check_extent`'s verdict from each feature's (d,) minimum and maximum (what the numba back end finds in
+    its first pass over the features): NaN or Inf anywhere, or a magnitude beyond :func:`max_feature_magnitude`."""
+    if non_finite:
         raise ValueError("features contain NaN or Inf")
-    limit = max_feature_magnitude(d, points.dtype)
+    d = low.shape[0]
+    magnitude = torch.maximum(low.abs(), high.abs())
+    limit = max_feature_magnitude(d, dtype)
     worst = int(magnitude.argmax())
     if float(magnitude[worst]) > limit:
         raise ValueError(
             f"lattice feature {worst} reaches {float(magnitude[worst]):.3g} (features are divided by their bandwidths), "
-            f"beyond the {limit:.3g} the lattice handles in {str(points.dtype).replace('torch.', '')} with {d} features: "
+            f"beyond the {limit:.3g} the lattice handles in {str(dtype).replace('torch.', '')} with {d} features: "
             f"a bandwidth (theta) far too small for the positions or values, or values far out of their range. Such "
-            f"a lattice would have up to {flat.shape[0] * (d + 1):,} vertices, one simplex per point: the filter "
+            f"a lattice would have up to {num_points * (d + 1):,} vertices, one simplex per point: the filter "
             f"would be nearly the identity"
         )
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._parallel import parallel_kernel
-from ._build import scale_factors, span_error
+from ._build import check_magnitudes, scale_factors, span_error
 
 __all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width"]
 
@@ -92,6 +92,9 @@ class _ScratchPool:
             if fits:
                 best = min(fits, key=lambda i: self._idle[i].size)
                 return self._idle.pop(best)[:need].reshape(shape)
+            # none fits: idle buffers too small for this need are let go first, so that growing needs (a larger
+            # image, the next lattice's vertex codes) replace the buffers they outgrow instead of piling up beside them
+            self._idle = [b for b in self._idle if b.dtype != dtype or b.size >= need]
         return np.empty(need + need // 8, dtype=dtype)[:need].reshape(shape)  # slack: the next image's grid may be larger
 
     def clear(self) -> int:
@@ -126,28 +129,44 @@ def _elevate(features, p, scale, consts, el):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _elevation_range(features, scale, consts):  # pragma: no cover - compiled
-    """Floor of the minimum and ceiling of the maximum of each of the first d elevated coordinates."""
+    """In one pass: the minimum and maximum of each feature, the number of non-finite feature values, and the minimum
+    and maximum of each of the first d elevated coordinates (float64; meaningful only where all values are finite)."""
     num_points, d = features.shape
     chunks = 64
     step = (num_points + chunks - 1) // chunks
     lows = np.empty((chunks, d), dtype=np.float64)
     highs = np.empty((chunks, d), dtype=np.float64)
+    f_lows = np.empty((chunks, d), dtype=np.float64)
+    f_highs = np.empty((chunks, d), dtype=np.float64)
+    bad = np.zeros(chunks, dtype=np.int64)
     for ch in numba.prange(chunks):
         el = np.empty(d + 1, dtype=features.dtype)
         for k in range(d):
             lows[ch, k] = np.inf
             highs[ch, k] = -np.inf
+            f_lows[ch, k] = np.inf
+            f_highs[ch, k] = -np.inf
         for p in range(ch * step, min(num_points, (ch + 1) * step)):
+            for k in range(d):
+                f = features[p, k]
+                if not np.isfinite(f):
+                    bad[ch] += 1
+                f_lows[ch, k] = min(f_lows[ch, k], f)
+                f_highs[ch, k] = max(f_highs[ch, k], f)
             _elevate(features, p, scale, consts, el)
             for k in range(d):
                 lows[ch, k] = min(lows[ch, k], el[k])
                 highs[ch, k] = max(highs[ch, k], el[k])
-    low = np.empty(d, dtype=np.int64)
-    high = np.empty(d, dtype=np.int64)
+    el_low = np.empty(d, dtype=np.float64)
+    el_high = np.empty(d, dtype=np.float64)
+    f_low = np.empty(d, dtype=np.float64)
+    f_high = np.empty(d, dtype=np.float64)
     for k in range(d):
-        low[k] = np.int64(np.floor(lows[:, k].min()))
-        high[k] = np.int64(np.ceil(highs[:, k].max()))
-    return low, high
+        el_low[k] = lows[:, k].min()
+        el_high[k] = highs[:, k].max()
+        f_low[k] = f_lows[:, k].min()
+        f_high[k] = f_highs[:, k].max()
+    return el_low, el_high, f_low, f_high, bad.sum()
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -351,9 +370,10 @@ def _splat_lists(offsets, weights, num_vertices, num_chunks):  # pragma: no cove
 
 
 @parallel_kernel
-def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
+def build_lattice(points: torch.Tensor, phantoms: int = 0, splat_lists: bool = True) -> NumbaLattice:
     """Build the lattice of (B, N, d) contiguous CPU points (see :func:`crfasrnn.lattice._build.build_lattice`);
-    ``phantoms`` zero feature vectors per image add their vertices but are not points of the lattice."""
+    ``phantoms`` zero feature vectors per image add their vertices but are not points of the lattice. Without
+    ``splat_lists`` the vertex-major lists are not made (a compact lattice, splatted by :func:`_scatter`)."""
     real = points.shape[1]
     if phantoms:
         points = torch.cat([points, points.new_zeros(points.shape[0], phantoms, points.shape[2])], dim=1)
@@ -368,9 +388,11 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
     # d+1, the wrap-around of step 6 and the canonical offset); a further d+1 on each side keeps the codes of blur
     # neighbours (shifts of at most d+1) inside the range, so that they can never alias another key.
     margin = 3 * (d + 1) + d
-    el_low, el_high = _elevation_range(feats, scale, consts)
-    low = el_low - margin
-    spans = (el_high + margin - low + 1).tolist()
+    el_low, el_high, f_low, f_high, non_finite = _elevation_range(feats, scale, consts)
+    # the same checks as check_extent (which the torch back end runs), from the same pass
+    check_magnitudes(torch.from_numpy(f_low), torch.from_numpy(f_high), non_finite > 0, points.dtype, feats.shape[0])
+    low = np.floor(el_low).astype(np.int64) - margin
+    spans = (np.ceil(el_high).astype(np.int64) + margin - low + 1).tolist()
     strides = [1] * d
     acc = 1
     for k in range(d - 1, -1, -1):
@@ -379,7 +401,8 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
     if acc * batch >= 2**62:
         raise span_error(spans, batch * num_points, d)
     stride_arr = np.array(strides, dtype=np.int64)
-    codes = np.empty((batch * num_points, d + 1), dtype=np.int64)
+    # the vertex codes live only until the hash table is built: a scratch buffer, whose pages stay mapped between builds
+    codes = _SCRATCH.take((batch * num_points, d + 1), np.dtype(np.int64))
     weights = np.empty((batch * num_points, d + 1), dtype=dtype)
     bad = np.zeros(1, dtype=np.int64)
     _simplex_codes(feats, scale, consts, low, stride_arr, acc, num_points, codes, weights, bad)
@@ -388,8 +411,11 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
                          "simplex could not be found); divide them by larger bandwidths")
 
     offsets = np.empty((batch * num_points, d + 1), dtype=np.int32)
-    table_codes, table_ids, unique, bits = _insert_all(codes, offsets)
-    del codes  # (P, d+1) int64: freed before the splat lists are made, which keeps the peak down
+    try:
+        table_codes, table_ids, unique, bits = _insert_all(codes, offsets)
+    finally:
+        _SCRATCH.give(codes)  # before the splat lists are made, which keeps the peak down
+    del codes
     num_vertices = unique.shape[0]
 
     all_ones = int(stride_arr.sum())
@@ -403,6 +429,10 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0) -> NumbaLattice:
     if phantoms:  # the phantoms' vertices stay in the lattice; the points are the real ones
         offsets = np.ascontiguousarray(offsets.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
         weights = np.ascontiguousarray(weights.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
+    if not splat_lists:  # a compact lattice: the splat scatters point by point (see _scatter)
+        none = np.empty(0, dtype=np.int64)
+        return NumbaLattice(offsets, weights, neighbours, none, np.empty(0, dtype=np.int32), np.empty(0, dtype=dtype),
+                            none.copy(), num_vertices, d)
     # ranges for the parallel counting sort: a few per thread, each of at least 64k points, and their (ranges, M)
     # table of slots no larger than a quarter of the lists' entries
     entries = offsets.shape[0] * (d + 1)
@@ -636,12 +666,64 @@ def _folded_rows(values: torch.Tensor) -> np.ndarray:
     return folded
 
 
+#: A compact lattice's splat scatters each range of points into a grid of its own; the ranges are summed in order.
+#: Their number depends on the number of points only (so results do not depend on the thread count), bounded so that
+#: the ranges' grids stay within _SCATTER_BUDGET bytes.
+_SCATTER_RANGES, _SCATTER_MIN_POINTS, _SCATTER_BUDGET = 8, 32768, 64 << 20
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _scatter(values, offsets, weights, pre_scale, partial, grid):  # pragma: no cover - compiled
+    """grid[v] = sum over the points p and remainders r with offsets[p, r] = v of weights[p, r] * pre_scale[p] *
+    values[p] (pre_scale empty: 1), as R = partial.shape[0] ranges of points, each into its own (M+1, C) grid in
+    point order, then summed range by range."""
+    num_points, d1 = offsets.shape
+    num_ranges, rows, num_channels = partial.shape
+    step = (num_points + num_ranges - 1) // num_ranges
+    scaled = pre_scale.shape[0] > 0
+    for t in numba.prange(num_ranges):
+        g = partial[t]
+        for v in range(rows):
+            for c in range(num_channels):
+                g[v, c] = 0.0
+        for p in range(t * step, min(num_points, (t + 1) * step)):
+            row = values[p]
+            for r in range(d1):
+                w = weights[p, r] * pre_scale[p] if scaled else weights[p, r]
+                dst = g[offsets[p, r]]
+                for c in range(num_channels):
+                    dst[c] += w * row[c]
+    for v in numba.prange(rows):
+        for c in range(num_channels):
+            total = partial[0, v, c]
+            for t in range(1, num_ranges):
+                total += partial[t, v, c]
+            grid[v, c] = total
+    for c in range(num_channels):
+        grid[rows - 1, c] = 0.0
+
+
+def _splat_into(lattice: NumbaLattice, vals: np.ndarray, pre: np.ndarray, grid: np.ndarray) -> None:
+    """The splat: a parallel gather over the vertex-major lists, or for a compact lattice a scatter by ranges."""
+    if lattice.splat_points.shape[0] or lattice.offsets.shape[0] == 0:
+        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, lattice.splat_chunks, grid)
+        return
+    per_range = grid.shape[0] * grid.shape[1] * grid.dtype.itemsize
+    ranges = max(1, min(_SCATTER_RANGES, lattice.offsets.shape[0] // _SCATTER_MIN_POINTS, _SCATTER_BUDGET // per_range))
+    partial = _SCRATCH.take((ranges * grid.shape[0], grid.shape[1]), grid.dtype)
+    try:
+        _scatter(vals, lattice.offsets, lattice.weights, pre, partial.reshape(ranges, grid.shape[0], grid.shape[1]),
+                 grid)
+    finally:
+        _SCRATCH.give(partial)
+
+
 def _splat_blur(lattice: NumbaLattice, vals: np.ndarray, reverse: bool, pre: np.ndarray) -> np.ndarray:
     """Splat and blur into a scratch grid; returns it (give it back to ``_SCRATCH`` when done)."""
     shape = (lattice.num_vertices + 1, vals.shape[1])
     grid, spare = _SCRATCH.take(shape, vals.dtype), _SCRATCH.take(shape, vals.dtype)
     try:
-        _splat(vals, lattice.splat_start, lattice.splat_points, lattice.splat_weights, pre, lattice.splat_chunks, grid)
+        _splat_into(lattice, vals, pre, grid)
         half = vals.dtype.type(0.5)
         for j in range(lattice.dim, -1, -1) if reverse else range(lattice.dim + 1):
             _blur(grid, spare, lattice.blur_neighbours[j, 0], lattice.blur_neighbours[j, 1], half)

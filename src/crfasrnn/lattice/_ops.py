@@ -37,7 +37,7 @@ FIELDS = (
     "weights",  # (P, d+1) barycentric weights, in the features' dtype
     "blur_neighbours",  # (d+1, 2, M+1) the two neighbours of each vertex along each axis; M is the empty vertex
     "normalizer",  # (P,) 1 / (K·1 + ε): the normalised filter's per-point factor
-    "splat_start",  # numba: (M+1,) int64 start of each vertex's entries; torch: empty
+    "splat_start",  # numba: (M+1,) int64 start of each vertex's entries; torch and compact numba lattices: empty
     "splat_points",  # numba: (P·(d+1),) int32 points in vertex order; torch: empty
     "splat_weights",  # numba: (P·(d+1),) their weights; torch: empty
     "splat_chunks",  # numba: (K+1,) int64 vertex bounds of the splat's work items; torch: empty
@@ -130,19 +130,21 @@ def filter_tensors(tensors, values, reverse, pre_scale, post_scale, out=None):
 # --- crfasrnn::lattice_build ----------------------------------------------------------------------------------------
 
 
-@operator("lattice_build(Tensor points, str backend, int pad_to=1) -> Tensor[]")
-def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]:
+@operator("lattice_build(Tensor points, str backend, int pad_to=1, bool compact=False) -> Tensor[]")
+def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1, compact: bool = False) -> list[torch.Tensor]:
     """Build the lattice of (B, N, d) contiguous points (already scaled by the bandwidths); see :data:`FIELDS`.
 
     ``pad_to`` > 1 adds the vertices of the zero feature vector that the SSE reference implementations (pydensecrf,
     Caffe) insert when they pad each image's points to a multiple of ``pad_to`` (see :func:`phantom_count`); the
-    lattice's points are still the N given.
+    lattice's points are still the N given. ``compact`` (numba) leaves out the vertex-major splat lists: the splat
+    then scatters by ranges of points (about half the memory per point; faster for few vertices and channels).
     """
     points = points.contiguous()
-    check_extent(points)  # before any compiled code: NaN, Inf, magnitudes the arithmetic cannot handle
     phantoms = phantom_count(points.shape[1], pad_to)
+    if backend != "numba":  # (the numba build makes the same checks in its first pass over the features)
+        check_extent(points)  # before any kernel: NaN, Inf, magnitudes the arithmetic cannot handle
     if backend == "numba":
-        lat = _numba.build_lattice(points, phantoms)
+        lat = _numba.build_lattice(points, phantoms, splat_lists=not compact)
         arrays = (lat.offsets, lat.weights, lat.blur_neighbours)
         splat = (lat.splat_start, lat.splat_points, lat.splat_weights, lat.splat_chunks)
         tensors = [torch.from_numpy(a) for a in arrays] + [torch.empty(0)] + [torch.from_numpy(a) for a in splat]
@@ -158,7 +160,7 @@ def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[
 
 
 @torch.library.register_fake("crfasrnn::lattice_build")
-def _(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]:
+def _(points: torch.Tensor, backend: str, pad_to: int = 1, compact: bool = False) -> list[torch.Tensor]:
     b, n, d = points.shape
     num = b * n
     numba = backend == "numba"
@@ -166,13 +168,13 @@ def _(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]
     ctx = torch.library.get_ctx() if points.device.type != "meta" else None  # meta tensors carry no data
     if ctx is not None and getattr(ctx, "_shape_env", None) is not None:  # else a FakeTensorMode without a ShapeEnv
         rows = ctx.new_dynamic_size(min=2)  # M + 1 rows: the vertices and the empty one
-        chunks = ctx.new_dynamic_size(min=2) if numba else 0  # the numba splat's K + 1 work-item bounds
+        chunks = ctx.new_dynamic_size(min=2) if numba and not compact else 0  # the splat's K + 1 work-item bounds
     index = torch.int32 if numba else torch.int64
     offsets = points.new_empty((num, d + 1), dtype=index)
     weights = points.new_empty((num, d + 1))
     neighbours = points.new_empty((d + 1, 2, rows), dtype=index)
     normalizer = points.new_empty((num,))
-    if numba:
+    if numba and not compact:
         splat = [points.new_empty((rows,), dtype=torch.int64), points.new_empty((num * (d + 1),), dtype=torch.int32),
                  points.new_empty((num * (d + 1),)), points.new_empty((chunks,), dtype=torch.int64)]
     else:
@@ -181,9 +183,9 @@ def _(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]
     return [offsets, weights, neighbours, normalizer, *splat]
 
 
-def build(points: torch.Tensor, backend: str, pad_to: int = 1) -> list[torch.Tensor]:
+def build(points: torch.Tensor, backend: str, pad_to: int = 1, compact: bool = False) -> list[torch.Tensor]:
     """Build a lattice with the registered operator (``backend`` is ``"numba"`` or ``"torch"``)."""
-    return torch.ops.crfasrnn.lattice_build(points, backend, pad_to)
+    return torch.ops.crfasrnn.lattice_build(points, backend, pad_to, compact)
 
 
 def phantom_count(num_points: int, pad_to: int) -> int:

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import _mean_field  # noqa: F401  (registers crfasrnn::mean_field)
+from . import _mean_field  # (also registers crfasrnn::mean_field)
 from .lattice import PermutohedralLattice, resolve_backend
 from .lattice import _ops as _lattice_ops
 from .lattice._build import max_feature_magnitude
@@ -383,6 +383,12 @@ def mean_field_scores(
         torch.neg(channels_last, out=u) if energies else u.copy_(channels_last)
     q = mean_field_points(u, lattices, mixing, modes, num_iterations)
     return q.transpose(1, 2).reshape(b, c, *spatial).contiguous().to(out_dtype)
+
+
+def marginals_points(scores: torch.Tensor) -> torch.Tensor:
+    """The marginals ``Q = softmax(q)`` of (B, N, C) scores in point layout (one compiled pass on the CPU, where
+    torch's softmax over a few classes is slow)."""
+    return _mean_field.softmax(scores)
 
 
 def mean_field_points(

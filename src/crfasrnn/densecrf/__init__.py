@@ -45,7 +45,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from ..engine import guided_features, mean_field_points, position_lattice
+from ..engine import guided_features, marginals_points, mean_field_points, position_lattice
 from ..lattice import PermutohedralLattice, all_finite, filter_each, resolve_backend
 
 __all__ = [
@@ -269,7 +269,7 @@ class DenseCRF:
                 scores = mean_field_points(scores, [p.lattice.tensors for p in self._pairwise],
                                            [p.mixing for p in self._pairwise],
                                            [p.normalization for p in self._pairwise], niter)
-            return torch.softmax(scores[0], dim=1).cpu().numpy().T
+            return marginals_points(scores[0].contiguous()).cpu().numpy().T
 
     def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The marginals before any iteration, ``softmax(−U)``, and two scratch arrays for :meth:`stepInference`."""

@@ -45,16 +45,16 @@ except ImportError:  # pragma: no cover - exercised only where numba is absent
     _numba = None
 
 __all__ = [
-    "PermutohedralLattice",
-    "permutohedral_filter",
-    "filter_sum",
-    "filter_each",
-    "values_buffer",
-    "empty_cache",
-    "numba_available",
-    "resolve_backend",
-    "all_finite",
     "NORMALISER_EPS",
+    "PermutohedralLattice",
+    "all_finite",
+    "empty_cache",
+    "filter_each",
+    "filter_sum",
+    "numba_available",
+    "permutohedral_filter",
+    "resolve_backend",
+    "values_buffer",
 ]
 
 Backend = Literal["auto", "torch", "numba"]

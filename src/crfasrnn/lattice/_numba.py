@@ -29,7 +29,7 @@ import torch
 from .._parallel import parallel_kernel
 from ._build import check_magnitudes, scale_factors, span_error
 
-__all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width"]
+__all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width", "softmax_rows"]
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = np.int64(-1)
@@ -71,6 +71,21 @@ class NumbaLattice:
     dim: int
 
 
+def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array in memory from torch's allocator, for the large arrays the build and the filters fill.
+
+    numpy asks the kernel for transparent huge pages on large arrays (``madvise``); where the kernel then compacts
+    memory at the first touch (``defrag=madvise``, a common default), faulting in a fresh multi-megabyte array inside
+    a parallel loop took 40 % longer than the loop's arithmetic (the build's weights at 2.1 M points); torch's
+    allocator does not ask.
+    """
+    return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)]).numpy()
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
 class _ScratchPool:
     """Reusable flat buffers for the lattice value grids, shared by all lattices.
 
@@ -95,7 +110,7 @@ class _ScratchPool:
             # none fits: idle buffers too small for this need are let go first, so that growing needs (a larger
             # image, the next lattice's vertex codes) replace the buffers they outgrow instead of piling up beside them
             self._idle = [b for b in self._idle if b.dtype != dtype or b.size >= need]
-        return np.empty(need + need // 8, dtype=dtype)[:need].reshape(shape)  # slack: the next image's grid may be larger
+        return _empty((need + need // 8,), dtype)[:need].reshape(shape)  # slack: the next image's grid may be larger
 
     def clear(self) -> int:
         """Drop the idle buffers; returns the bytes released."""
@@ -107,7 +122,7 @@ class _ScratchPool:
     def give(self, *arrays: np.ndarray) -> None:
         with self._lock:
             for array in arrays:
-                self._idle.append(array.base if array.base is not None else array)
+                self._idle.append(array.base if isinstance(array.base, np.ndarray) else array)
             while sum(b.nbytes for b in self._idle) > self._limit:
                 self._idle.pop(0)
 
@@ -403,14 +418,14 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0, splat_lists: bool = T
     stride_arr = np.array(strides, dtype=np.int64)
     # the vertex codes live only until the hash table is built: a scratch buffer, whose pages stay mapped between builds
     codes = _SCRATCH.take((batch * num_points, d + 1), np.dtype(np.int64))
-    weights = np.empty((batch * num_points, d + 1), dtype=dtype)
+    weights = _empty((batch * num_points, d + 1), dtype)
     bad = np.zeros(1, dtype=np.int64)
     _simplex_codes(feats, scale, consts, low, stride_arr, acc, num_points, codes, weights, bad)
     if bad[0]:
         raise ValueError("lattice features too large in magnitude for the lattice arithmetic in their dtype (a point's "
                          "simplex could not be found); divide them by larger bandwidths")
 
-    offsets = np.empty((batch * num_points, d + 1), dtype=np.int32)
+    offsets = _empty((batch * num_points, d + 1), np.dtype(np.int32))
     try:
         table_codes, table_ids, unique, bits = _insert_all(codes, offsets)
     finally:
@@ -617,6 +632,50 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
                 for c in range(num_channels):
                     s[c] = shifted[m + c] * inv
                 m += num_channels
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _softmax_rows(x, out):  # pragma: no cover - compiled
+    """``out[i] = softmax(x[i])`` for float32 (P, C) rows (``out`` may be ``x``), 64 rows at a time over flat buffers
+    with :func:`_exp_nonpositive`, as the fused slice computes the next iteration's softmax."""
+    num_points, num_channels = x.shape
+    block = 64
+    for blk in numba.prange((num_points + block - 1) // block):
+        first = blk * block
+        last = min(num_points, first + block)
+        shifted = np.empty(block * num_channels, dtype=x.dtype)
+        scale_bits = np.empty(block * num_channels, dtype=np.int32)
+        scale = scale_bits.view(x.dtype)
+        m = 0
+        for i in range(first, last):
+            row = x[i]
+            top = row[0]
+            for c in range(1, num_channels):
+                top = max(top, row[c])
+            for c in range(num_channels):
+                shifted[m + c] = row[c] - top
+            m += num_channels
+        for j in range(m):
+            shifted[j], scale_bits[j] = _exp_nonpositive(shifted[j])
+        for j in range(m):
+            shifted[j] *= scale[j]
+        m = 0
+        for i in range(first, last):
+            o = out[i]
+            total = shifted[m]
+            for c in range(1, num_channels):
+                total += shifted[m + c]
+            inv = np.float32(1.0) / total
+            for c in range(num_channels):
+                o[c] = shifted[m + c] * inv
+            m += num_channels
+
+
+@parallel_kernel
+def softmax_rows(values: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = softmax(values, dim=1)`` for float32 CPU (P, C) tensors with unit channel stride (``out`` may be
+    ``values``; either may be a column slice of a padded tensor); torch's softmax over a few channels is slow."""
+    _softmax_rows(values.detach().numpy(), out.detach().numpy())
 
 
 def _rows_in_place(values: torch.Tensor) -> np.ndarray | None:

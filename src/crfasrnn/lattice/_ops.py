@@ -15,6 +15,7 @@ the back ends apart.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -108,8 +109,24 @@ def scale_vector(tensors, code: int):
     if code == _N:
         return tensors[3]
     if code == _SQRT_N:
-        return tensors[3].sqrt()
+        return _sqrt_normalizer(tensors[3])
     raise ValueError(f"scale code must be 0 (none), 1 (n) or 2 (sqrt n), got {code!r}")
+
+
+_SQRT_CACHE: dict[int, tuple] = {}
+
+
+def _sqrt_normalizer(normalizer: torch.Tensor) -> torch.Tensor:
+    """``√n``, kept for the last few normalisers (a mean field takes it twice per kernel and iteration)."""
+    key = id(normalizer)
+    hit = _SQRT_CACHE.get(key)
+    if hit is not None and hit[0]() is normalizer and hit[1] == normalizer._version:
+        return hit[2]
+    result = normalizer.sqrt()
+    if len(_SQRT_CACHE) >= 8:
+        _SQRT_CACHE.pop(next(iter(_SQRT_CACHE)))
+    _SQRT_CACHE[key] = (weakref.ref(normalizer), normalizer._version, result)
+    return result
 
 
 def filter_tensors(tensors, values, reverse, pre_scale, post_scale, out=None):

@@ -589,3 +589,24 @@ def test_compact_lattices_filter_like_the_default_ones(transpose):
         want = filter_sum(values, [default, PermutohedralLattice(features[:, :2] * 2)], scales, modes=modes)
         torch.testing.assert_close(filter_sum(values, [compact, other], scales, modes=modes), want, rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba back end")
+def test_the_parallel_hash_table_gives_the_sequential_lattice(monkeypatch):
+    """From 2^17 points the vertices are inserted by ranges of points in parallel and merged: the lattice is the
+    sequential one, vertex for vertex (ids in first-insertion order), for points that repeat simplices and ones that
+    do not."""
+    from crfasrnn.lattice import _numba
+
+    gen = torch.Generator().manual_seed(9)
+    smooth = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (40, 60, 70)],
+                                        indexing="ij")).reshape(3, -1).t()[None] / 3.0
+    rough = torch.rand(1, 150000, 4, generator=gen) * 20
+    for points in (smooth.contiguous(), rough):
+        assert points.shape[1] >= _numba._PARALLEL_INSERT_POINTS
+        parallel = _numba.build_lattice(points)
+        with monkeypatch.context() as patch:
+            patch.setattr(_numba, "_insert_vertices", _numba._insert_all)
+            sequential = _numba.build_lattice(points)
+        for name in ("offsets", "weights", "blur_neighbours", "splat_start", "splat_points", "splat_weights"):
+            np.testing.assert_array_equal(getattr(parallel, name), getattr(sequential, name), err_msg=name)

@@ -318,6 +318,144 @@ def _insert_all(codes, offsets):  # pragma: no cover - compiled
     return table_codes, table_ids, unique[:count], bits
 
 
+@numba.njit(cache=True, nogil=True)
+def _insert_range(codes, offsets, first, last):  # pragma: no cover - compiled
+    """:func:`_insert_all` over the points [first, last) alone, with ids local to the range: the range's unique codes,
+    in first-insertion order, are written over the range's own entries of ``codes`` (never beyond the entry being
+    read: a stream compaction; the previous point's codes are kept aside for the coherence test). Returns their
+    number."""
+    d1 = codes.shape[1]
+    flat = codes.reshape(-1)
+    base = first * d1
+    entries = (last - first) * d1
+    bits = 10
+    while (np.int64(1) << bits) < min(2 * entries, 1 << 18):
+        bits += 1
+    capacity = np.int64(1) << bits
+    table_codes = np.empty(capacity, dtype=np.int64)
+    table_codes[:] = _EMPTY
+    table_ids = np.empty(capacity, dtype=np.int32)
+    previous = np.empty(d1, dtype=np.int64)
+    current = np.empty(d1, dtype=np.int64)
+    count = 0
+    for p in range(first, last):
+        for r in range(d1):
+            current[r] = codes[p, r]
+        for r in range(d1):
+            code = current[r]
+            if p > first and code == previous[r]:  # neighbouring points often share their simplex
+                offsets[p, r] = offsets[p - 1, r]
+                continue
+            mask = capacity - 1
+            s = _hash_slot(code, mask, np.uint64(64 - bits))
+            while table_codes[s] != _EMPTY and table_codes[s] != code:
+                s = (s + 1) & mask
+            if table_codes[s] == code:
+                offsets[p, r] = table_ids[s]
+                continue
+            offsets[p, r] = count
+            table_codes[s] = code
+            table_ids[s] = count
+            flat[base + count] = code
+            count += 1
+            if 2 * count >= capacity:  # grow and rehash
+                bits += 1
+                capacity = np.int64(1) << bits
+                mask = capacity - 1
+                table_codes = np.empty(capacity, dtype=np.int64)
+                table_codes[:] = _EMPTY
+                table_ids = np.empty(capacity, dtype=np.int32)
+                for u in range(count):
+                    s2 = _hash_slot(flat[base + u], mask, np.uint64(64 - bits))
+                    while table_codes[s2] != _EMPTY:
+                        s2 = (s2 + 1) & mask
+                    table_codes[s2] = flat[base + u]
+                    table_ids[s2] = u
+        for r in range(d1):
+            previous[r] = current[r]
+    return count
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _insert_ranges(codes, offsets, starts, counts):  # pragma: no cover - compiled
+    for t in numba.prange(starts.shape[0] - 1):
+        counts[t] = _insert_range(codes, offsets, starts[t], starts[t + 1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_ranges(codes, starts, counts, maps):  # pragma: no cover - compiled
+    """The ranges' unique codes, range after range, into one hash table: global ids in first-insertion order over all
+    the points (the order :func:`_insert_all` gives); ``maps`` receives each local id's global id. Returns the table,
+    the unique codes in id order and the table's size in bits."""
+    d1 = codes.shape[1]
+    flat = codes.reshape(-1)
+    total = 0
+    for t in range(counts.shape[0]):
+        total += counts[t]
+    bits = 10
+    while (np.int64(1) << bits) < 2 * total + 2:
+        bits += 1
+    capacity = np.int64(1) << bits
+    mask = capacity - 1
+    shift = np.uint64(64 - bits)
+    table_codes = np.empty(capacity, dtype=np.int64)
+    table_codes[:] = _EMPTY
+    table_ids = np.empty(capacity, dtype=np.int32)
+    unique = np.empty(total, dtype=np.int64)
+    count = 0
+    k = 0
+    for t in range(counts.shape[0]):
+        base = starts[t] * d1
+        for local in range(counts[t]):
+            code = flat[base + local]
+            s = _hash_slot(code, mask, shift)
+            while table_codes[s] != _EMPTY and table_codes[s] != code:
+                s = (s + 1) & mask
+            if table_codes[s] == code:
+                maps[k] = table_ids[s]
+            else:
+                table_codes[s] = code
+                table_ids[s] = count
+                unique[count] = code
+                maps[k] = count
+                count += 1
+            k += 1
+    return table_codes, table_ids, unique[:count], bits
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _remap(offsets, starts, map_starts, maps):  # pragma: no cover - compiled
+    d1 = offsets.shape[1]
+    for t in numba.prange(starts.shape[0] - 1):
+        m0 = map_starts[t]
+        for p in range(starts[t], starts[t + 1]):
+            for r in range(d1):
+                offsets[p, r] = maps[m0 + offsets[p, r]]
+
+
+#: The hash table is built by ranges of points in parallel (then merged) from this many points up.
+_PARALLEL_INSERT_POINTS = 1 << 17
+
+
+def _insert_vertices(codes: np.ndarray, offsets: np.ndarray):
+    """:func:`_insert_all`'s table, unique codes and ids (the same, vertex for vertex), by ranges of points in
+    parallel for large inputs: each range builds its own table, the ranges' unique codes are merged in order and the
+    ids mapped back. ``codes`` is overwritten."""
+    num_points = codes.shape[0]
+    ranges = min(numba.get_num_threads() * 2, num_points // (_PARALLEL_INSERT_POINTS // 2))
+    if num_points < _PARALLEL_INSERT_POINTS or ranges < 2:
+        return _insert_all(codes, offsets)
+    starts = np.linspace(0, num_points, ranges + 1).astype(np.int64)
+    counts = np.zeros(ranges, dtype=np.int64)
+    _insert_ranges(codes, offsets, starts, counts)
+    map_starts = np.zeros(ranges, dtype=np.int64)
+    map_starts[1:] = np.cumsum(counts)[:-1]
+    maps = np.empty(int(counts.sum()), dtype=np.int32)
+    table_codes, table_ids, unique, bits = _merge_ranges(codes, starts, counts, maps)
+    _remap(offsets, starts, map_starts, maps)
+    return table_codes, table_ids, unique, bits
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _neighbours(unique, table_codes, table_ids, bits, shifts, out):  # pragma: no cover - compiled
     """out[j, s, v] = id of the vertex with code unique[v] + shifts[j, s], or M (the empty vertex) if absent.
@@ -427,7 +565,7 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0, splat_lists: bool = T
 
     offsets = _empty((batch * num_points, d + 1), np.dtype(np.int32))
     try:
-        table_codes, table_ids, unique, bits = _insert_all(codes, offsets)
+        table_codes, table_ids, unique, bits = _insert_vertices(codes, offsets)
     finally:
         _SCRATCH.give(codes)  # before the splat lists are made, which keeps the peak down
     del codes

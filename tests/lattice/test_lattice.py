@@ -610,3 +610,17 @@ def test_the_parallel_hash_table_gives_the_sequential_lattice(monkeypatch):
             sequential = _numba.build_lattice(points)
         for name in ("offsets", "weights", "blur_neighbours", "splat_start", "splat_points", "splat_weights"):
             np.testing.assert_array_equal(getattr(parallel, name), getattr(sequential, name), err_msg=name)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba back end")
+@pytest.mark.parametrize("num_points, d", [(200000, 3), (5000, 5)])
+def test_the_compact_lattices_normaliser_is_the_filtered_ones_inverted(num_points, d):
+    """A compact lattice computes its normaliser in one fused pass; it is bit for bit 1 / (K·1 + ε) filtered through
+    the same lattice."""
+    from crfasrnn.lattice import _ops
+
+    points = torch.rand(1, num_points, d, generator=torch.Generator().manual_seed(d)) * 8
+    tensors = _ops.build(points, "numba", 1, True)
+    ones = points.new_ones(num_points, 1)
+    want = (1.0 / (_ops.filter_flat(tensors, ones, False, None, None) + _ops.NORMALISER_EPS)).reshape(-1)
+    assert torch.equal(tensors[3], want)

@@ -29,7 +29,8 @@ import torch
 from .._parallel import parallel_kernel
 from ._build import check_magnitudes, scale_factors, span_error
 
-__all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "padded_width", "softmax_rows"]
+__all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "normalizer", "padded_width",
+           "softmax_rows"]
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = np.int64(-1)
@@ -898,6 +899,38 @@ def _scatter(values, offsets, weights, pre_scale, partial, grid):  # pragma: no 
             grid[v, c] = total
     for c in range(num_channels):
         grid[rows - 1, c] = 0.0
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _normalizer_slice(grid, offsets, weights, alpha, eps, out):  # pragma: no cover - compiled
+    """out[i] = 1 / (sum_r (weights[i, r] * alpha) * grid[offsets[i, r], 0] + eps): :func:`_slice` of one channel and
+    the normaliser's inversion in one pass, in the same arithmetic."""
+    num_points, d1 = offsets.shape
+    for i in numba.prange(num_points):
+        acc = grid.dtype.type(0.0)
+        for r in range(d1):
+            acc += (weights[i, r] * alpha) * grid[offsets[i, r], 0]
+        out[i] = grid.dtype.type(1.0) / (acc + eps)
+
+
+def normalizer(lattice: NumbaLattice, eps: float) -> torch.Tensor:
+    """``1 / (K·1 + eps)`` per point, as the lattice's filter of an all-ones column would give it, for a compact
+    lattice: the splat scatters the weights, the slice inverts as it goes (no column of ones, no torch passes)."""
+    num_points = lattice.offsets.shape[0]
+    dtype = lattice.weights.dtype
+    ones = _SCRATCH.take((num_points, 1), dtype)
+    ones.fill(1.0)
+    try:
+        grid = _splat_blur(lattice, ones, False, np.empty(0, dtype=dtype))
+    finally:
+        _SCRATCH.give(ones)
+    try:
+        out = torch.empty(num_points, dtype=_TORCH_DTYPES[dtype])
+        _normalizer_slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, lattice.dim), dtype.type(eps),
+                          out.numpy())
+    finally:
+        _SCRATCH.give(grid)
+    return out
 
 
 def _splat_into(lattice: NumbaLattice, vals: np.ndarray, pre: np.ndarray, grid: np.ndarray) -> None:

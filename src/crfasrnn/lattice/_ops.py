@@ -170,6 +170,9 @@ def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1, compact:
         empty_index = points.new_empty(0, dtype=torch.int64)
         tensors = [lat.offsets, lat.weights, lat.blur_neighbours, points.new_empty(0), empty_index,
                    points.new_empty(0, dtype=torch.int32), points.new_empty(0), empty_index.clone()]
+    if backend == "numba" and compact:  # one compiled pass, in the same arithmetic as below
+        tensors[3] = _numba.normalizer(lat, NORMALISER_EPS)
+        return tensors
     ones = points.new_ones(points.shape[0] * points.shape[1], 1)
     response = filter_flat(tensors, ones, False, None, None)
     tensors[3] = (1.0 / (response + NORMALISER_EPS)).reshape(-1)

@@ -237,3 +237,14 @@ def test_compiled_and_exported_3d_crf_equal_eager(tmp_path):
     assert len(report["compile"]) == 4 and max(report["compile"].values()) <= 1e-5, report
     assert {"crfasrnn.lattice_build.default", "crfasrnn.mean_field.default"} <= set(report["targets"]), report
     assert report["export_err"] <= 1e-5, report
+
+
+def test_compact_lattices_give_the_same_crf():
+    """compact=True (lattices without splat lists, for large volumes) changes only the order of the splat's sums."""
+    gen = torch.Generator().manual_seed(8)
+    unary, guide = torch.randn(2, 3, 9, 10, 11, generator=gen), torch.rand(2, 1, 9, 10, 11, generator=gen)
+    kernels = [GaussianKernel(positions=2.0, weight=2.0), GaussianKernel(positions=3.0, guide=0.2, weight=4.0)]
+    default, compact = DenseCRF(3, kernels), DenseCRF(3, kernels, compact=True)
+    torch.testing.assert_close(compact(unary, guide), default(unary, guide), rtol=1e-5, atol=1e-5)
+    lattice = position_lattice((9, 10, 11), 2.0, compact=True)
+    assert lattice.tensors[5].numel() == 0 and position_lattice((9, 10, 11), 2.0).tensors[5].numel() > 0

@@ -229,7 +229,8 @@ def _per_kernel(name: str, value, count: int) -> list:
     return [value] * count
 
 
-def _lattice(name: str, kernel: KernelInput, batch: int, spatial, dtype, backend) -> list[torch.Tensor]:
+def _lattice(name: str, kernel: KernelInput, batch: int, spatial, dtype, backend, compact: bool = False
+             ) -> list[torch.Tensor]:
     """A kernel's built lattice: from (B or 1, d, *spatial) features, a :class:`PermutohedralLattice` or its tensors."""
     num_points = math.prod(spatial)
     if isinstance(kernel, PermutohedralLattice):
@@ -254,9 +255,9 @@ def _lattice(name: str, kernel: KernelInput, batch: int, spatial, dtype, backend
     features = kernel.detach().to(dtype)
     points = features.reshape(features.shape[0], features.shape[1], num_points).transpose(1, 2).contiguous()
     if torch.compiler.is_compiling():
-        return _lattice_ops.build(points, backend)
+        return _lattice_ops.build(points, backend, 1, compact)
     try:
-        return _lattice_ops.build(points, backend)
+        return _lattice_ops.build(points, backend, 1, compact)
     except ValueError as error:  # name the kernel whose features are out of range
         raise ValueError(f"{name}: {error}") from None
 
@@ -271,6 +272,7 @@ def dense_crf(
     num_iterations: int = 5,
     unary_kind: Literal["scores", "energies"] = "scores",
     backend: str = "auto",
+    compact: bool = False,
 ) -> torch.Tensor:
     """Mean-field inference of a dense CRF with one Gaussian kernel per entry of ``features``.
 
@@ -293,6 +295,8 @@ def dense_crf(
         num_iterations: mean-field iterations T >= 0 (0 returns the unary scores).
         unary_kind: ``"scores"`` or ``"energies"``.
         backend: lattice back end (``"auto"``, ``"torch"`` or ``"numba"``).
+        compact: build compact lattices (numba: no splat lists, about half the memory per point; the splat's sums run
+            in another order, so results differ in the last bits; see :class:`~crfasrnn.lattice.PermutohedralLattice`).
 
     Returns:
         (B, C, *spatial) scores ``q`` (a softmax over C gives the marginals ``Q``).
@@ -336,7 +340,8 @@ def dense_crf(
     with _precision(unary) as (dtype, out_dtype):
         b, c = unary.shape[:2]
         spatial = tuple(unary.shape[2:])
-        lattices = [_lattice(f"features[{k}]", kernel, b, spatial, dtype, backend) for k, kernel in enumerate(kernels)]
+        lattices = [_lattice(f"features[{k}]", kernel, b, spatial, dtype, backend, compact)
+                    for k, kernel in enumerate(kernels)]
         mixing = [
             (_matrix(f"compatibility[{k}]", m, c, dtype=dtype, device=unary.device)
              @ _matrix(f"weights[{k}]", w, c, dtype=dtype, device=unary.device)).t().contiguous()
@@ -464,6 +469,7 @@ class DenseCRF(nn.Module):
         unary_kind: ``"scores"`` (log-probabilities, logits) or ``"energies"`` (``−log p``).
         learnable: make the weights and the compatibility parameters (else buffers).
         backend: lattice back end (``"auto"``, ``"torch"`` or ``"numba"``).
+        compact: build compact lattices (see :func:`dense_crf`): for large volumes, where memory counts.
 
     The weights are the parameters ``weights.0``, ``weights.1``, … and the compatibility ``compatibility``. Lattices
     over positions alone depend only on the size and the spacing: outside compiled graphs they are built once per size
@@ -493,6 +499,7 @@ class DenseCRF(nn.Module):
         unary_kind: Literal["scores", "energies"] = "scores",
         learnable: bool = True,
         backend: str = "auto",
+        compact: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -509,6 +516,7 @@ class DenseCRF(nn.Module):
         self.num_iterations = _check_iterations(num_iterations)
         self.unary_kind = unary_kind
         self.backend = backend
+        self.compact = bool(compact)
 
         def coefficient(name: str, value) -> torch.Tensor:
             t = torch.as_tensor(value, dtype=torch.float32).clone()
@@ -576,7 +584,8 @@ class DenseCRF(nn.Module):
                 inputs.append(next(supplied))
             elif kernel.guide is None:
                 _check_extent(f"kernels[{k}]", spatial, kernel.positions, spacing, len(spatial), dtype)
-                inputs.append(_position_lattice(spatial, kernel.positions, spacing, unary.device, dtype, backend))
+                inputs.append(_position_lattice(spatial, kernel.positions, spacing, unary.device, dtype, backend,
+                                                self.compact))
             else:
                 if kernel.positions is not None:
                     g = guide.shape[1]
@@ -585,7 +594,7 @@ class DenseCRF(nn.Module):
                     kernel.guide, guide.shape[1]), spacing=spacing))
         return dense_crf(unary, inputs, self._weights(), self.compatibility,
                          normalization=[k.normalization for k in self.kernels], num_iterations=self.num_iterations,
-                         unary_kind=self.unary_kind, backend=backend)
+                         unary_kind=self.unary_kind, backend=backend, compact=self.compact)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, unary_kind={self.unary_kind!r}, "
@@ -611,13 +620,13 @@ def _check_extent(name, spatial, bandwidth, spacing, dim, dtype) -> None:
                          f"the {limit:.3g} the lattice handles (the kernel would be nearly the identity)")
 
 
-def _position_lattice(spatial, bandwidth, spacing, device, dtype, backend) -> list[torch.Tensor]:
+def _position_lattice(spatial, bandwidth, spacing, device, dtype, backend, compact=False) -> list[torch.Tensor]:
     """The lattice of a kernel over positions alone: built in the graph when compiling, else kept per size."""
     bandwidths = _per_axis("positions", bandwidth, len(spatial))
     spacings = None if spacing is None else _per_axis("spacing", spacing, len(spatial))
     if torch.compiler.is_compiling() or device.type == "meta" or _tracing():  # nothing to keep: no data
-        return build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend)
-    return cached_position_lattice(tuple(spatial), bandwidths, spacings, device, dtype, backend)
+        return build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact)
+    return cached_position_lattice(tuple(spatial), bandwidths, spacings, device, dtype, backend, compact)
 
 
 def position_lattice(
@@ -627,6 +636,7 @@ def position_lattice(
     spacing: float | Sequence[float] | None = None,
     like: torch.Tensor | None = None,
     backend: str = "auto",
+    compact: bool = False,
 ) -> PermutohedralLattice:
     """The lattice of a Gaussian kernel over positions alone (:func:`position_features`), for one grid and any batch.
 
@@ -637,6 +647,7 @@ def position_lattice(
         spatial_shape, bandwidth, spacing: as in :func:`position_features`.
         like: a tensor whose dtype (float32 or float64) and device the lattice takes (float32 on the CPU by default).
         backend: lattice back end (``"auto"``, ``"torch"`` or ``"numba"``).
+        compact: a compact lattice (see :func:`dense_crf`).
 
     Example:
         >>> lattice = position_lattice((24, 32), 3.0)
@@ -648,7 +659,7 @@ def position_lattice(
     device = torch.device("cpu") if like is None else like.device
     backend = resolve_backend(backend, device)
     _check_extent("position_lattice", shape, bandwidth, spacing, len(shape), dtype)
-    tensors = _position_lattice(shape, bandwidth, spacing, device, dtype, backend)
+    tensors = _position_lattice(shape, bandwidth, spacing, device, dtype, backend, compact)
     return PermutohedralLattice.from_tensors(tensors, math.prod(shape))
 
 
@@ -658,16 +669,18 @@ def _tracing() -> bool:
         torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY))
 
 
-def build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend) -> list[torch.Tensor]:
+def build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact=False
+                           ) -> list[torch.Tensor]:
     """The lattice over the positions of one (batch-1) grid, shared by a batch."""
     like = torch.empty(0, dtype=dtype, device=device)
     features = position_features(spatial, bandwidths, spacing=spacings, like=like)
     n = math.prod(spatial)
-    return _lattice_ops.build(features.reshape(1, len(spatial), n).transpose(1, 2).contiguous(), backend)
+    return _lattice_ops.build(features.reshape(1, len(spatial), n).transpose(1, 2).contiguous(), backend, 1, compact)
 
 
 @functools.lru_cache(maxsize=4)
-def cached_position_lattice(spatial, bandwidths, spacings, device, dtype, backend) -> list[torch.Tensor]:
+def cached_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact=False
+                            ) -> list[torch.Tensor]:
     """:func:`build_position_lattice`, kept for the last few sizes (as Caffe builds its spatial lattice at set-up)."""
     with torch.no_grad():
-        return build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend)
+        return build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact)

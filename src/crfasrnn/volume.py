@@ -520,7 +520,8 @@ def refine_volume(
         GaussianKernel(positions=theta_gamma, weight=float(spatial_weight), normalization=normalization),
         GaussianKernel(positions=theta_alpha, guide=theta_beta, weight=float(bilateral_weight),
                        normalization=normalization),
-    ], num_iterations=int(num_iterations), unary_kind="scores", learnable=False, backend=backend).to(device)
+    ], num_iterations=int(num_iterations), unary_kind="scores", learnable=False, backend=backend,
+        compact=True).to(device)  # compact lattices: volumes are large
     logger.debug("refining a %s volume (%d channel(s), spacing %s) with %d classes", "x".join(map(str, shape)),
                  channels, spacing, num_classes)
     with torch.no_grad():

@@ -346,8 +346,8 @@ class DenseCRF2D(DenseCRF):
         sx, sy = _pair("sxy", sxy)
         like = torch.empty(0, device=self._device)
         # positions only: the lattice depends on the size alone and is kept for the next CRF of this size
-        self._add(lambda: position_lattice((self._h, self._w), (sy, sx), like=like, backend=self._backend), compat,
-                  kernel, normalization)
+        self._add(lambda: position_lattice((self._h, self._w), (sy, sx), like=like, backend=self._backend,
+                                           compact=True), compat, kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,
                              normalization=NORMALIZE_SYMMETRIC):

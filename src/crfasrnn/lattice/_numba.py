@@ -687,6 +687,36 @@ def _exp_nonpositive(x):  # pragma: no cover - compiled
     return p, ((np.int32(n) + np.int32(127)) << 23) if keep else np.int32(0)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _softmax_block(src, dst, rows, num_channels, shifted, scale_bits):  # pragma: no cover - compiled
+    """``dst[k, :C] = softmax(src[k, :C])`` for the ``rows`` rows of a block, over the flat buffers ``shifted`` and
+    ``scale_bits`` (at least rows · C each) so that the exponentials (:func:`_exp_nonpositive`) vectorise."""
+    scale = scale_bits.view(shifted.dtype)
+    m = 0
+    for k in range(rows):
+        row = src[k]
+        top = row[0]
+        for c in range(1, num_channels):
+            top = max(top, row[c])
+        for c in range(num_channels):
+            shifted[m + c] = row[c] - top
+        m += num_channels
+    for j in range(m):
+        shifted[j], scale_bits[j] = _exp_nonpositive(shifted[j])
+    for j in range(m):
+        shifted[j] *= scale[j]
+    m = 0
+    for k in range(rows):
+        o = dst[k]
+        total = shifted[m]
+        for c in range(1, num_channels):
+            total += shifted[m + c]
+        inv = np.float32(1.0) / total
+        for c in range(num_channels):
+            o[c] = shifted[m + c] * inv
+        m += num_channels
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, soft):  # pragma: no cover - compiled
     """``out = base + k1 ⊙ post1 ⊙ slice(g1) + k2 ⊙ post2 ⊙ slice(g2)`` for (P, C) ``base``; ``k`` are (W,) scales.
@@ -747,30 +777,7 @@ def _slice_sum2(g1, off1, w1, k1, post1, g2, off2, w2, k2, post2, base, out, sof
         if do_softmax:
             shifted = np.empty(block * num_channels, dtype=base.dtype)
             scale_bits = np.empty(block * num_channels, dtype=np.int32)
-            scale = scale_bits.view(base.dtype)
-            m = 0
-            for i in range(first, last):
-                o = local[i - first]
-                top = o[0]
-                for c in range(1, num_channels):
-                    top = max(top, o[c])
-                for c in range(num_channels):
-                    shifted[m + c] = o[c] - top
-                m += num_channels
-            for j in range(m):
-                shifted[j], scale_bits[j] = _exp_nonpositive(shifted[j])
-            for j in range(m):
-                shifted[j] *= scale[j]
-            m = 0
-            for i in range(first, last):
-                s = soft[i]
-                total = shifted[m]
-                for c in range(1, num_channels):
-                    total += shifted[m + c]
-                inv = np.float32(1.0) / total
-                for c in range(num_channels):
-                    s[c] = shifted[m + c] * inv
-                m += num_channels
+            _softmax_block(local, soft[first:last], last - first, num_channels, shifted, scale_bits)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -784,30 +791,7 @@ def _softmax_rows(x, out):  # pragma: no cover - compiled
         last = min(num_points, first + block)
         shifted = np.empty(block * num_channels, dtype=x.dtype)
         scale_bits = np.empty(block * num_channels, dtype=np.int32)
-        scale = scale_bits.view(x.dtype)
-        m = 0
-        for i in range(first, last):
-            row = x[i]
-            top = row[0]
-            for c in range(1, num_channels):
-                top = max(top, row[c])
-            for c in range(num_channels):
-                shifted[m + c] = row[c] - top
-            m += num_channels
-        for j in range(m):
-            shifted[j], scale_bits[j] = _exp_nonpositive(shifted[j])
-        for j in range(m):
-            shifted[j] *= scale[j]
-        m = 0
-        for i in range(first, last):
-            o = out[i]
-            total = shifted[m]
-            for c in range(1, num_channels):
-                total += shifted[m + c]
-            inv = np.float32(1.0) / total
-            for c in range(num_channels):
-                o[c] = shifted[m + c] * inv
-            m += num_channels
+        _softmax_block(x[first:last], out[first:last], last - first, num_channels, shifted, scale_bits)
 
 
 @parallel_kernel

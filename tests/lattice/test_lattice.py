@@ -606,7 +606,7 @@ def test_the_parallel_hash_table_gives_the_sequential_lattice(monkeypatch):
         assert points.shape[1] >= _numba._PARALLEL_INSERT_POINTS
         parallel = _numba.build_lattice(points)
         with monkeypatch.context() as patch:
-            patch.setattr(_numba, "_insert_vertices", _numba._insert_all)
+            patch.setattr(_numba, "_PARALLEL_INSERT_POINTS", 1 << 40)  # one range: the sequential insertion
             sequential = _numba.build_lattice(points)
         for name in ("offsets", "weights", "blur_neighbours", "splat_start", "splat_points", "splat_weights"):
             np.testing.assert_array_equal(getattr(parallel, name), getattr(sequential, name), err_msg=name)

@@ -266,65 +266,12 @@ def _hash_slot(code, mask, shift):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_all(codes, offsets):  # pragma: no cover - compiled
-    """Assign vertex ids in first-insertion order (point by point, remainder by remainder).
-
-    Returns the hash table (codes and ids), the unique codes in id order and the table's size in bits.
-    """
-    num_points, d1 = codes.shape
-    bits = 10
-    while (np.int64(1) << bits) < min(2 * num_points * d1, 1 << 18):
-        bits += 1
-    capacity = np.int64(1) << bits
-    table_codes = np.empty(capacity, dtype=np.int64)
-    table_codes[:] = _EMPTY
-    table_ids = np.empty(capacity, dtype=np.int32)
-    unique = np.empty(1024, dtype=np.int64)
-    count = 0
-    for p in range(num_points):
-        for r in range(d1):
-            code = codes[p, r]
-            if p > 0 and code == codes[p - 1, r]:  # neighbouring pixels often share their simplex
-                offsets[p, r] = offsets[p - 1, r]
-                continue
-            mask = capacity - 1
-            s = _hash_slot(code, mask, np.uint64(64 - bits))
-            while table_codes[s] != _EMPTY and table_codes[s] != code:
-                s = (s + 1) & mask
-            if table_codes[s] == code:
-                offsets[p, r] = table_ids[s]
-                continue
-            offsets[p, r] = count
-            table_codes[s] = code
-            table_ids[s] = count
-            if count == unique.shape[0]:
-                grown = np.empty(2 * unique.shape[0], dtype=np.int64)
-                grown[:count] = unique[:count]
-                unique = grown
-            unique[count] = code
-            count += 1
-            if 2 * count >= capacity:  # grow and rehash
-                bits += 1
-                capacity = np.int64(1) << bits
-                mask = capacity - 1
-                table_codes = np.empty(capacity, dtype=np.int64)
-                table_codes[:] = _EMPTY
-                table_ids = np.empty(capacity, dtype=np.int32)
-                for u in range(count):
-                    s2 = _hash_slot(unique[u], mask, np.uint64(64 - bits))
-                    while table_codes[s2] != _EMPTY:
-                        s2 = (s2 + 1) & mask
-                    table_codes[s2] = unique[u]
-                    table_ids[s2] = u
-    return table_codes, table_ids, unique[:count], bits
-
-
-@numba.njit(cache=True, nogil=True)
 def _insert_range(codes, offsets, first, last):  # pragma: no cover - compiled
-    """:func:`_insert_all` over the points [first, last) alone, with ids local to the range: the range's unique codes,
-    in first-insertion order, are written over the range's own entries of ``codes`` (never beyond the entry being
-    read: a stream compaction; the previous point's codes are kept aside for the coherence test). Returns their
-    number."""
+    """Vertex ids for the points [first, last), local to the range, in first-insertion order (point by point,
+    remainder by remainder) through a hash table; a point's vertex is first compared with the previous point's of the
+    same remainder, which neighbouring points often share. The range's unique codes, in id order, are written over
+    the range's own entries of ``codes`` (never beyond the entry being read: a stream compaction; the previous point's
+    codes are kept aside). Returns their number."""
     d1 = codes.shape[1]
     flat = codes.reshape(-1)
     base = first * d1
@@ -386,8 +333,8 @@ def _insert_ranges(codes, offsets, starts, counts):  # pragma: no cover - compil
 @numba.njit(cache=True, nogil=True)
 def _merge_ranges(codes, starts, counts, maps):  # pragma: no cover - compiled
     """The ranges' unique codes, range after range, into one hash table: global ids in first-insertion order over all
-    the points (the order :func:`_insert_all` gives); ``maps`` receives each local id's global id. Returns the table,
-    the unique codes in id order and the table's size in bits."""
+    the points (as one range over all of them would give); ``maps`` receives each local id's global id. Returns the
+    table, the unique codes in id order and the table's size in bits."""
     d1 = codes.shape[1]
     flat = codes.reshape(-1)
     total = 0
@@ -439,13 +386,16 @@ _PARALLEL_INSERT_POINTS = 1 << 17
 
 
 def _insert_vertices(codes: np.ndarray, offsets: np.ndarray):
-    """:func:`_insert_all`'s table, unique codes and ids (the same, vertex for vertex), by ranges of points in
-    parallel for large inputs: each range builds its own table, the ranges' unique codes are merged in order and the
-    ids mapped back. ``codes`` is overwritten."""
+    """The lattice's vertices: the hash table (codes and ids), the unique codes in id order (first insertion over the
+    points) and the table's size in bits; ``offsets`` receives every point's vertex ids and ``codes`` is overwritten.
+
+    Large inputs are cut into ranges of points, each with its own table, built in parallel; the ranges' unique codes
+    are then merged in order and the ids mapped back, which gives the ids a single range would (vertex for vertex).
+    """
     num_points = codes.shape[0]
-    ranges = min(numba.get_num_threads() * 2, num_points // (_PARALLEL_INSERT_POINTS // 2))
-    if num_points < _PARALLEL_INSERT_POINTS or ranges < 2:
-        return _insert_all(codes, offsets)
+    ranges = max(1, min(numba.get_num_threads() * 2, num_points // (_PARALLEL_INSERT_POINTS // 2)))
+    if num_points < _PARALLEL_INSERT_POINTS:
+        ranges = 1
     starts = np.linspace(0, num_points, ranges + 1).astype(np.int64)
     counts = np.zeros(ranges, dtype=np.int64)
     _insert_ranges(codes, offsets, starts, counts)
@@ -453,7 +403,7 @@ def _insert_vertices(codes: np.ndarray, offsets: np.ndarray):
     map_starts[1:] = np.cumsum(counts)[:-1]
     maps = np.empty(int(counts.sum()), dtype=np.int32)
     table_codes, table_ids, unique, bits = _merge_ranges(codes, starts, counts, maps)
-    _remap(offsets, starts, map_starts, maps)
+    _remap(offsets, starts, map_starts, maps)  # (the identity for one range: then cheap, and compiled by small inputs)
     return table_codes, table_ids, unique, bits
 
 

@@ -49,8 +49,8 @@ from .lattice import PermutohedralLattice, resolve_backend
 from .lattice import _ops as _lattice_ops
 from .lattice._build import max_feature_magnitude
 
-__all__ = ["NORMALIZATIONS", "DenseCRF", "GaussianKernel", "dense_crf", "guided_features", "position_features",
-           "position_lattice"]
+__all__ = ["NORMALIZATIONS", "DenseCRF", "GaussianKernel", "dense_crf", "guided_features", "per_axis",
+           "position_features", "position_lattice"]
 
 Normalization = Literal["none", "before", "after", "symmetric"]
 
@@ -71,17 +71,28 @@ KernelInput = torch.Tensor | PermutohedralLattice | Sequence[torch.Tensor]
 # --- features --------------------------------------------------------------------------------------------------------
 
 
-def _per_axis(name: str, value, count: int, *, allow_inf: bool = False) -> tuple[float, ...]:
-    """A positive number or ``count`` positive numbers, as a tuple of ``count`` floats."""
-    values = [value] * count if isinstance(value, numbers.Real) else list(value)
+def per_axis(name: str, value, count: int, *, allow_inf: bool = False, hint: str = "") -> tuple[float, ...]:
+    """A positive number or ``count`` positive numbers (a bandwidth or a spacing per axis, a bandwidth per channel), as
+    a tuple of ``count`` floats; ``hint`` is appended to the error.
+
+    Example:
+        >>> per_axis("spacing", 2, 3)
+        (2.0, 2.0, 2.0)
+    """
+    if isinstance(value, numbers.Real):
+        values = [value] * count
+    elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be one finite number > 0 or {count} of them, got {value!r}{hint}")
+    else:
+        values = list(value)
     if len(values) != count:
-        raise ValueError(f"{name} needs 1 or {count} values, got {len(values)} ({value!r})")
+        raise ValueError(f"{name} needs 1 or {count} values, got {len(values)} ({value!r}){hint}")
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or v <= 0 or (
                 math.isinf(v) and not allow_inf):
             raise ValueError(f"{name} must be {'positive numbers (inf: unused)' if allow_inf else 'finite numbers > 0'}"
-                             f", got {value!r}")
+                             f", got {value!r}{hint}")
         out.append(float(v))
     return tuple(out)
 
@@ -115,8 +126,8 @@ def position_features(
     shape = tuple(int(s) for s in spatial_shape)
     if not 1 <= len(shape) <= 3 or min(shape) < 1:
         raise ValueError(f"spatial_shape must have 1, 2 or 3 sizes >= 1, got {tuple(spatial_shape)}")
-    bandwidths = _per_axis("bandwidth", bandwidth, len(shape))
-    spacings = None if spacing is None else _per_axis("spacing", spacing, len(shape))
+    bandwidths = per_axis("bandwidth", bandwidth, len(shape))
+    spacings = None if spacing is None else per_axis("spacing", spacing, len(shape))
     dtype = torch.float32 if like is None else like.dtype
     device = None if like is None else like.device
     axes = []
@@ -159,7 +170,7 @@ def guided_features(
         raise ValueError(f"guide must be a floating (B, G, *spatial) tensor with 1 to 3 spatial dimensions, got "
                          f"{_describe(guide)}")
     b, g = guide.shape[:2]
-    bandwidths = _per_axis("guide_bandwidth", guide_bandwidth, g, allow_inf=True)
+    bandwidths = per_axis("guide_bandwidth", guide_bandwidth, g, allow_inf=True)
     channels = [guide[:, i:i + 1] / bw for i, bw in enumerate(bandwidths) if math.isfinite(bw)]
     parts = []
     if position_bandwidth is not None:
@@ -448,7 +459,7 @@ class GaussianKernel:
                 value = tuple(value)
             if value is not None:
                 count = 1 if isinstance(value, numbers.Real) else len(value)
-                _per_axis(name, value, count, allow_inf=name == "guide")
+                per_axis(name, value, count, allow_inf=name == "guide")
         _mode("normalization", self.normalization)
 
     @property
@@ -587,11 +598,11 @@ class DenseCRF(nn.Module):
                 inputs.append(_position_lattice(spatial, kernel.positions, spacing, unary.device, dtype, backend,
                                                 self.compact))
             else:
-                if kernel.positions is not None:
-                    g = guide.shape[1]
-                    _check_extent(f"kernels[{k}]", spatial, kernel.positions, spacing, len(spatial) + g, dtype)
-                inputs.append(guided_features(guide.detach().to(dtype), kernel.positions, _guide_bandwidths(
-                    kernel.guide, guide.shape[1]), spacing=spacing))
+                guided = guided_features(guide.detach().to(dtype), kernel.positions, _guide_bandwidths(
+                    kernel.guide, guide.shape[1]), spacing=spacing)
+                if kernel.positions is not None:  # (over the kernel's own dimension: the channels it keeps)
+                    _check_extent(f"kernels[{k}]", spatial, kernel.positions, spacing, guided.shape[1], dtype)
+                inputs.append(guided)
         return dense_crf(unary, inputs, self._weights(), self.compatibility,
                          normalization=[k.normalization for k in self.kernels], num_iterations=self.num_iterations,
                          unary_kind=self.unary_kind, backend=backend, compact=self.compact)
@@ -610,8 +621,8 @@ def _guide_bandwidths(bandwidth, channels: int):
 
 def _check_extent(name, spatial, bandwidth, spacing, dim, dtype) -> None:
     """Positions are known from the size alone: refuse a bandwidth too small for the lattice before building one."""
-    bandwidths = _per_axis(f"{name}.positions", bandwidth, len(spatial))
-    spacings = (1.0,) * len(spatial) if spacing is None else _per_axis("spacing", spacing, len(spatial))
+    bandwidths = per_axis(f"{name}.positions", bandwidth, len(spatial))
+    spacings = (1.0,) * len(spatial) if spacing is None else per_axis("spacing", spacing, len(spatial))
     extent = max((s - 1) * sp / bw for s, sp, bw in zip(spatial, spacings, bandwidths))
     limit = max_feature_magnitude(dim, dtype)
     if extent > limit:
@@ -622,8 +633,8 @@ def _check_extent(name, spatial, bandwidth, spacing, dim, dtype) -> None:
 
 def _position_lattice(spatial, bandwidth, spacing, device, dtype, backend, compact=False) -> list[torch.Tensor]:
     """The lattice of a kernel over positions alone: built in the graph when compiling, else kept per size."""
-    bandwidths = _per_axis("positions", bandwidth, len(spatial))
-    spacings = None if spacing is None else _per_axis("spacing", spacing, len(spatial))
+    bandwidths = per_axis("positions", bandwidth, len(spatial))
+    spacings = None if spacing is None else per_axis("spacing", spacing, len(spatial))
     if torch.compiler.is_compiling() or device.type == "meta" or _tracing():  # nothing to keep: no data
         return build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact)
     return cached_position_lattice(tuple(spatial), bandwidths, spacings, device, dtype, backend, compact)

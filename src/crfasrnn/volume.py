@@ -29,7 +29,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import numbers
 import os
 import struct
 import time
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .engine import per_axis
 from .files import OutputError, atomic_write, check_output
 from .refine import PROB_CLIP, SUM_TOLERANCE, _infer_num_classes, check_parameters, unary_from_labels
 
@@ -366,16 +366,6 @@ def _check_probs(probs: np.ndarray, what: str) -> None:
 # --- the CRF ---------------------------------------------------------------------------------------------------------
 
 
-def _positive(name: str, value: Any, count: int, hint: str = "") -> tuple[float, ...]:
-    """One finite positive number or ``count`` of them, as ``count`` floats."""
-    values = [value] * count if isinstance(value, numbers.Real) else list(value) if isinstance(
-        value, (Sequence, np.ndarray)) and not isinstance(value, str) else None
-    if values is None or len(values) != count or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{name} must be one finite number > 0 or {count} of them, got {value!r}{hint}")
-    return tuple(float(v) for v in values)
-
-
 def _unary_from_probs(probs: np.ndarray, normalize: bool) -> torch.Tensor:
     """(1, C, D, H, W) ``log`` of clipped probabilities, normalised or checked to sum to 1 (the 2-D path's rules)."""
     _check_probs(probs, "probabilities")
@@ -497,10 +487,10 @@ def refine_volume(
     volume = _check_volume_array(_numpy("volume", volume), "volume")
     shape = volume.shape[:3]
     channels = volume.shape[3] if volume.ndim == 4 else 1
-    spacing = (1.0, 1.0, 1.0) if spacing is None else _positive("spacing", spacing, 3)
-    theta_gamma = _positive("theta_gamma", theta_gamma, 3)
-    theta_alpha = _positive("theta_alpha", theta_alpha, 3)
-    theta_beta = _positive("theta_beta", theta_beta, channels)
+    spacing = (1.0, 1.0, 1.0) if spacing is None else per_axis("spacing", spacing, 3)
+    theta_gamma = per_axis("theta_gamma", theta_gamma, 3)
+    theta_alpha = per_axis("theta_alpha", theta_alpha, 3)
+    theta_beta = per_axis("theta_beta", theta_beta, channels)
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but this torch has no CUDA device available")
@@ -686,7 +676,7 @@ def refine_volume_file(
     if kind is None:
         raise ValueError(f"volume {volume_path} is neither a .npy array nor a NIfTI image (.nii, .nii.gz)")
     if spacing is not None:
-        spacing = _positive("spacing", spacing, 3, " (--spacing A B C, in array-axis order)")
+        spacing = per_axis("spacing", spacing, 3, hint=" (--spacing A B C, in array-axis order)")
     out = Path(output) if output is not None else default_output(volume_path)
     if out.is_dir():
         out = out / f"{_stem(volume_path)}{volume_path.name[len(_stem(volume_path)):]}"

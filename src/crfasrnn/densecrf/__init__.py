@@ -45,7 +45,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from ..engine import guided_features, marginals_points, mean_field_points, position_lattice
+from ..engine import guided_features, marginals_points, mean_field_points, per_axis, position_lattice
 from ..lattice import PermutohedralLattice, all_finite, filter_each, resolve_backend
 
 __all__ = [
@@ -162,8 +162,8 @@ class _Pairwise:
 
     def __init__(self, lattice: PermutohedralLattice, mu: torch.Tensor, normalization: int) -> None:
         self.lattice = lattice
+        # The engine's q = u − m A over rows m of messages takes A = μᵀ, which is μ: all three forms are symmetric.
         self.mu = mu
-        self.mixing = mu.t().contiguous()  # the engine's q = u − m A over rows m of messages: A = μᵀ
         self.normalization = normalization
 
 
@@ -267,7 +267,7 @@ class DenseCRF:
         with torch.no_grad():
             if niter > 0 and self._pairwise:
                 scores = mean_field_points(scores, [p.lattice.tensors for p in self._pairwise],
-                                           [p.mixing for p in self._pairwise],
+                                           [p.mu for p in self._pairwise],
                                            [p.normalization for p in self._pairwise], niter)
             return marginals_points(scores[0].contiguous()).cpu().numpy().T
 
@@ -343,7 +343,7 @@ class DenseCRF2D(DenseCRF):
 
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """A Gaussian kernel over positions: features ``(x / sx, y / sy)``; ``sxy`` is a number or ``(sx, sy)``."""
-        sx, sy = _pair("sxy", sxy)
+        sx, sy = per_axis("sxy", sxy, 2)
         like = torch.empty(0, device=self._device)
         # positions only: the lattice depends on the size alone and is kept for the next CRF of this size
         self._add(lambda: position_lattice((self._h, self._w), (sy, sx), like=like, backend=self._backend,
@@ -359,10 +359,8 @@ class DenseCRF2D(DenseCRF):
             rgbim: (h, w, 3) colour image (uint8 in pydensecrf; any real dtype here, in the units of ``srgb``).
             compat, kernel, normalization: as in :meth:`DenseCRF.addPairwiseEnergy`.
         """
-        sx, sy = _pair("sxy", sxy)
-        srgb = (srgb,) * 3 if isinstance(srgb, numbers.Real) else tuple(srgb)
-        if len(srgb) != 3:
-            raise ValueError(f"srgb must be a number or 3 numbers, got {srgb!r}")
+        sx, sy = per_axis("sxy", sxy, 2)
+        srgb = per_axis("srgb", srgb, 3)
         image = np.asarray(rgbim)
         if image.ndim != 3 or image.shape[0] != self._h or image.shape[1] != self._w:
             raise ValueError(f"Bad shape for pairwise bilateral (Need {(self._h, self._w, 3)}, got {image.shape})")
@@ -371,18 +369,4 @@ class DenseCRF2D(DenseCRF):
                              "`utils.create_pairwise_bilateral` to construct your own pairwise energy and add it "
                              "through `addPairwiseEnergy`.")
         colours = torch.from_numpy(_real_array("rgbim", image, 3, check_finite=False)).permute(2, 0, 1)[None]
-        srgb = tuple(_positive("srgb", s) for s in srgb)
         self._add(guided_features(colours, (sy, sx), srgb), compat, kernel, normalization)
-
-
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite numbers > 0, got {value!r}")
-    return float(value)
-
-
-def _pair(name: str, value) -> tuple[float, float]:
-    pair = (value, value) if isinstance(value, numbers.Real) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be a number or (sx, sy), got {value!r}")
-    return _positive(name, pair[0]), _positive(name, pair[1])

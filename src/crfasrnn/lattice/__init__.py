@@ -207,7 +207,6 @@ class PermutohedralLattice:
         size = tuple(int(s) for s in features.shape[2:])
         num_points = math.prod(size)
         points = features.detach().reshape(batch, d, num_points).transpose(1, 2).contiguous()
-        _ops.phantom_count(num_points, pad_to)  # validates
         self._init(_ops.build(points, backend, pad_to, compact), num_points)
         self.size = size
 

@@ -260,9 +260,14 @@ def _simplex_codes(features, scale, consts, low, strides, image_stride, points_p
                 code += stride_sum - (d1 * strides[k] if k < d else 0)
 
 
-@numba.njit(cache=True, nogil=True)
-def _hash_slot(code, mask, shift):  # pragma: no cover - compiled
-    return np.int64((np.uint64(code) * _HASH_MULTIPLIER) >> shift) & mask
+@numba.njit(cache=True, nogil=True, inline="always")
+def _probe(table_codes, code, mask, shift):  # pragma: no cover - compiled
+    """The slot of ``code`` in an open-addressing table (multiplicative hash, linear probing), or the empty slot where
+    it would go."""
+    s = np.int64((np.uint64(code) * _HASH_MULTIPLIER) >> shift) & mask
+    while table_codes[s] != _EMPTY and table_codes[s] != code:
+        s = (s + 1) & mask
+    return s
 
 
 @numba.njit(cache=True, nogil=True)
@@ -294,10 +299,7 @@ def _insert_range(codes, offsets, first, last):  # pragma: no cover - compiled
             if p > first and code == previous[r]:  # neighbouring points often share their simplex
                 offsets[p, r] = offsets[p - 1, r]
                 continue
-            mask = capacity - 1
-            s = _hash_slot(code, mask, np.uint64(64 - bits))
-            while table_codes[s] != _EMPTY and table_codes[s] != code:
-                s = (s + 1) & mask
+            s = _probe(table_codes, code, capacity - 1, np.uint64(64 - bits))
             if table_codes[s] == code:
                 offsets[p, r] = table_ids[s]
                 continue
@@ -313,10 +315,8 @@ def _insert_range(codes, offsets, first, last):  # pragma: no cover - compiled
                 table_codes = np.empty(capacity, dtype=np.int64)
                 table_codes[:] = _EMPTY
                 table_ids = np.empty(capacity, dtype=np.int32)
-                for u in range(count):
-                    s2 = _hash_slot(flat[base + u], mask, np.uint64(64 - bits))
-                    while table_codes[s2] != _EMPTY:
-                        s2 = (s2 + 1) & mask
+                for u in range(count):  # (the codes are distinct: each finds an empty slot)
+                    s2 = _probe(table_codes, flat[base + u], mask, np.uint64(64 - bits))
                     table_codes[s2] = flat[base + u]
                     table_ids[s2] = u
         for r in range(d1):
@@ -356,9 +356,7 @@ def _merge_ranges(codes, starts, counts, maps):  # pragma: no cover - compiled
         base = starts[t] * d1
         for local in range(counts[t]):
             code = flat[base + local]
-            s = _hash_slot(code, mask, shift)
-            while table_codes[s] != _EMPTY and table_codes[s] != code:
-                s = (s + 1) & mask
+            s = _probe(table_codes, code, mask, shift)
             if table_codes[s] == code:
                 maps[k] = table_ids[s]
             else:
@@ -422,13 +420,8 @@ def _neighbours(unique, table_codes, table_ids, bits, shifts, out):  # pragma: n
     for v in numba.prange(num_vertices):
         for j in range(shifts.shape[0]):
             code = unique[v] + shifts[j, 1]
-            slot = _hash_slot(code, mask, shift)
-            found = num_vertices
-            while table_codes[slot] != _EMPTY:
-                if table_codes[slot] == code:
-                    found = table_ids[slot]
-                    break
-                slot = (slot + 1) & mask
+            slot = _probe(table_codes, code, mask, shift)
+            found = table_ids[slot] if table_codes[slot] == code else num_vertices
             out[j, 1, v] = found
             if found != num_vertices:
                 out[j, 0, found] = v

@@ -158,14 +158,13 @@ def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1, compact:
     """
     points = points.contiguous()
     phantoms = phantom_count(points.shape[1], pad_to)
-    if backend != "numba":  # (the numba build makes the same checks in its first pass over the features)
-        check_extent(points)  # before any kernel: NaN, Inf, magnitudes the arithmetic cannot handle
-    if backend == "numba":
+    if backend == "numba":  # (its build makes check_extent's checks in its first pass over the features)
         lat = _numba.build_lattice(points, phantoms, splat_lists=not compact)
         arrays = (lat.offsets, lat.weights, lat.blur_neighbours)
         splat = (lat.splat_start, lat.splat_points, lat.splat_weights, lat.splat_chunks)
         tensors = [torch.from_numpy(a) for a in arrays] + [torch.empty(0)] + [torch.from_numpy(a) for a in splat]
     else:
+        check_extent(points)  # before any kernel: NaN, Inf, magnitudes the arithmetic cannot handle
         lat = build_lattice(points, phantoms)
         empty_index = points.new_empty(0, dtype=torch.int64)
         tensors = [lat.offsets, lat.weights, lat.blur_neighbours, points.new_empty(0), empty_index,

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-setup clean
+.PHONY: demo test lint format test-py310 bench bench-setup clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,34 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The checks CI runs before the suite (also a pre-commit hook set: `.venv/bin/pre-commit install`).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The suite on the oldest Python the package supports, in its own environment (.venv310). PYTHON310 is any 3.10
+# interpreter; by default the one on PATH, else pyenv's. torch 2.13.0 for 3.10 comes from PyPI (a CUDA build that
+# runs on the CPU; about 5 GB installed).
+PYTHON310 ?= $(shell command -v python3.10 2>/dev/null || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python 2>/dev/null | tail -1)
+VENV310 ?= .venv310
+STAMP310 := $(VENV310)/.installed
+
+$(STAMP310): pyproject.toml requirements-dev.txt
+	@test -n "$(PYTHON310)" || { echo "no Python 3.10 interpreter found: set PYTHON310=/path/to/python3.10"; exit 1; }
+	$(PYTHON310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV310)/bin/python -m pip install --quiet -r requirements-dev.txt
+	$(VENV310)/bin/python -m pip install --quiet -e .
+	touch $(STAMP310)
+
+test-py310: $(STAMP310)
+	$(VENV310)/bin/python -m pytest -q
+
 # The benchmark's peer (pydensecrf2) builds from source and needs Cython < 3.
 bench-setup: $(STAMP)
 	$(PY) -m pip install --quiet "Cython<3" setuptools wheel
@@ -29,4 +57,4 @@ bench: bench-setup
 	$(PY) bench/densecrf_speed.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VENV310) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -26,7 +26,7 @@ from PIL import Image
 
 PHOTO = Path(__file__).resolve().parents[1] / "src" / "crfasrnn" / "data" / "astronaut.jpg"
 NUM_CLASSES, NUM_ITERATIONS = 21, 10
-KERNEL = dict(theta_alpha=160.0, theta_beta=3.0, theta_gamma=3.0, spatial_weight=3.0, bilateral_weight=5.0)
+KERNEL = {"theta_alpha": 160.0, "theta_beta": 3.0, "theta_gamma": 3.0, "spatial_weight": 3.0, "bilateral_weight": 5.0}
 SIZE, LARGE = (500, 375), (1000, 750)  # (width, height)
 TARGETS = {"fwd_vs_peer": 0.5, "fwdbwd_vs_fwd": 2.5, "scale_2x": 4.5, "peak_mb": 400.0}
 
@@ -69,6 +69,7 @@ def timed(fn, device: str) -> float:
 def setup_ours(size: tuple[int, int], device: str):
     """Our layer and its (1, C, H, W) unary and (1, 3, H, W) 0..255 image tensors on ``device``."""
     import torch
+
     import crfasrnn
 
     w, h = size
@@ -177,8 +178,9 @@ def peer_runner(size):
         d = dcrf.DenseCRF2D(w, h, NUM_CLASSES)
         d.setUnaryEnergy(energy)
         d.addPairwiseGaussian(sxy=KERNEL["theta_gamma"], compat=KERNEL["spatial_weight"])
-        d.addPairwiseBilateral(sxy=KERNEL["theta_alpha"], srgb=KERNEL["theta_beta"], rgbim=image,
-                               compat=KERNEL["bilateral_weight"])
+        d.addPairwiseBilateral(
+            sxy=KERNEL["theta_alpha"], srgb=KERNEL["theta_beta"], rgbim=image, compat=KERNEL["bilateral_weight"]
+        )
         d.inference(NUM_ITERATIONS)
 
     return run
@@ -203,6 +205,7 @@ def memory_child(mode: str, device: str) -> dict:
     Where /proc is missing the ``ru_maxrss`` figure is used.
     """
     import resource
+
     import torch
 
     crf, unary, image = setup_ours((64, 48), device)  # small warm-up: loads/compiles the kernels
@@ -252,8 +255,13 @@ def measure_cold_start(args) -> float | None:
     )
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent)], capture_output=True,
-                              text=True, env=env, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(Path(__file__).resolve().parent)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
     return float(proc.stdout.strip().splitlines()[-1])
 
 
@@ -284,11 +292,22 @@ def main() -> None:
         sys.exit(f"crfasrnn is not importable ({exc}): install the package first (pip install -e .)")
 
     numba = getattr(getattr(crfasrnn, "lattice", None), "numba_available", lambda: False)()
-    r: dict = {"size": list(SIZE), "classes": NUM_CLASSES, "iterations": NUM_ITERATIONS, "device": args.device,
-               "repeats": args.repeats, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               "numba_available": numba, "crfasrnn": getattr(crfasrnn, "__version__", "?")}
-    print(f"CRF-RNN benchmark: {SIZE[0]}x{SIZE[1]}, {NUM_CLASSES} classes, {NUM_ITERATIONS} iterations, "
-          f"device {args.device}, {args.repeats} repeats", flush=True)
+    r: dict = {
+        "size": list(SIZE),
+        "classes": NUM_CLASSES,
+        "iterations": NUM_ITERATIONS,
+        "device": args.device,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numba_available": numba,
+        "crfasrnn": getattr(crfasrnn, "__version__", "?"),
+    }
+    print(
+        f"CRF-RNN benchmark: {SIZE[0]}x{SIZE[1]}, {NUM_CLASSES} classes, {NUM_ITERATIONS} iterations, "
+        f"device {args.device}, {args.repeats} repeats",
+        flush=True,
+    )
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.2f} before the start: other processes may skew the timings")
 
@@ -324,7 +343,11 @@ def main() -> None:
 
     def row(name, value, unit="s", target=None, lower=True):
         shown = "n/a" if value is None else (f"{value:.3f} {unit}" if unit else f"{value:.2f}")
-        verdict = "" if target is None or value is None else ("ok" if (value <= target if lower else value < target) else "MISSED")
+        verdict = (
+            ""
+            if target is None or value is None
+            else ("ok" if (value <= target if lower else value < target) else "MISSED")
+        )
         goal = "" if target is None else f"{'<=' if lower else '<'} {target:g}"
         print(f"  {name:<44}{shown:>14}   {goal:<8} {verdict}")
 
@@ -342,16 +365,22 @@ def main() -> None:
     row("ratio ours fwd (full matrices) / pydensecrf", r["ratio_fwd_dense_vs_peer"], "")
     row("ratio fwd+bwd / fwd (paired runs)", r["ratio_fwdbwd_vs_fwd"], "", TARGETS["fwdbwd_vs_fwd"])
     row("the same, both with full matrices", r["ratio_fwdbwd_dense_vs_fwd_dense"], "")
-    row(f"ratio {LARGE[0]}x{LARGE[1]} / {SIZE[0]}x{SIZE[1]} forward (paired)", r["ratio_scale_2x"], "",
-        TARGETS["scale_2x"])
+    row(
+        f"ratio {LARGE[0]}x{LARGE[1]} / {SIZE[0]}x{SIZE[1]} forward (paired)",
+        r["ratio_scale_2x"],
+        "",
+        TARGETS["scale_2x"],
+    )
     for mode, label in (("no_grad", "no_grad"), ("grad", "grad enabled"), ("fwd_bwd", "fwd+bwd")):
         target = TARGETS["peak_mb"] if mode != "fwd_bwd" else None  # the target is for the forward
         row(f"peak RSS above baseline, {label}", r[f"mem_{mode}"]["peak_rss_mb"], "MB", target, False)
         if "peak_gpu_mb" in r[f"mem_{mode}"]:
             row(f"peak GPU memory, {label}", r[f"mem_{mode}"]["peak_gpu_mb"], "MB")
-    print(f"\n  torch {r['torch']}, {r['torch_threads']} threads; numba available: {numba}"
-          f"{', NUMBA_NUM_THREADS=' + os.environ['NUMBA_NUM_THREADS'] if 'NUMBA_NUM_THREADS' in os.environ else ''}; "
-          f"memory measured with {r['mem_no_grad']['method']}")
+    print(
+        f"\n  torch {r['torch']}, {r['torch_threads']} threads; numba available: {numba}"
+        f"{', NUMBA_NUM_THREADS=' + os.environ['NUMBA_NUM_THREADS'] if 'NUMBA_NUM_THREADS' in os.environ else ''}; "
+        f"memory measured with {r['mem_no_grad']['method']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
         print(f"  figures written to {args.json}")

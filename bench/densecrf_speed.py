@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crf_speed import _proc_status_kb, load_photo  # noqa: E402  (the same photo and memory probe)
+from crf_speed import _proc_status_kb, load_photo
 
 VOLUME = (128, 128, 128)
 TARGETS = {"image": 0.5, "volume": 0.5}
@@ -59,8 +59,10 @@ def make_inputs(kind: str):
         return photo, energies
     rs = np.random.RandomState(1)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in VOLUME], indexing="ij")
-    volume = np.where(x * x + y * y + z * z < 0.4, 150.0, 60.0).astype(np.float32) + rs.randn(*VOLUME).astype(
-        np.float32) * 10
+    volume = (
+        np.where(x * x + y * y + z * z < 0.4, 150.0, 60.0).astype(np.float32)
+        + rs.randn(*VOLUME).astype(np.float32) * 10
+    )
     probs = _smooth_probs(VOLUME, 2, seed=2)
     energies = np.ascontiguousarray(utils.unary_from_softmax(probs))
     gaussian = np.ascontiguousarray(utils.create_pairwise_gaussian((3.0, 3.0, 3.0), VOLUME))
@@ -107,16 +109,27 @@ def bench(kind: str, repeats: int) -> dict:
             program(kind, module, inputs)
             times[name].append(time.perf_counter() - start)
     ratios = [o / p for o, p in zip(times["ours"], times["peer"])]
-    return {"peer_s": statistics.median(times["peer"]), "ours_s": statistics.median(times["ours"]),
-            "ratio": statistics.median(ratios), "ratios": ratios, "label_agreement": agreement}
+    return {
+        "peer_s": statistics.median(times["peer"]),
+        "ours_s": statistics.median(times["ours"]),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "label_agreement": agreement,
+    }
 
 
 def memory_child(kind: str, library: str) -> dict:
     peer, ours = modules()
     module = peer if library == "peer" else ours
     inputs = make_inputs(kind)
-    small = (inputs[0][:48, :64].copy(), np.ascontiguousarray(inputs[1].reshape(-1, 375, 500)[:, :48, :64].reshape(
-        inputs[1].shape[0], -1))) if kind == "image" else None
+    small = (
+        (
+            inputs[0][:48, :64].copy(),
+            np.ascontiguousarray(inputs[1].reshape(-1, 375, 500)[:, :48, :64].reshape(inputs[1].shape[0], -1)),
+        )
+        if kind == "image"
+        else None
+    )
     if small is not None:
         program(kind, module, small)  # loads and compiles the kernels outside the measurement
     else:
@@ -163,9 +176,12 @@ def main(argv=None) -> int:
             r["ours_peak_mb"] = measure_memory(kind, "ours")
         results[kind] = r
         verdict = "ok" if r["ratio"] <= TARGETS[kind] else "ABOVE TARGET"
-        line = (f"{kind:7s} pydensecrf2 {r['peer_s'] * 1e3:8.1f} ms   ours {r['ours_s'] * 1e3:8.1f} ms   ours/peer "
-                f"{r['ratio']:.2f} (target <= {TARGETS[kind]}: {verdict}; pairs {', '.join(f'{x:.2f}' for x in r['ratios'])})"
-                f"   labels agree on {100 * r['label_agreement']:.3f} %")
+        line = (
+            f"{kind:7s} pydensecrf2 {r['peer_s'] * 1e3:8.1f} ms   ours {r['ours_s'] * 1e3:8.1f} ms   ours/peer "
+            f"{r['ratio']:.2f} (target <= {TARGETS[kind]}: {verdict}; "
+            f"pairs {', '.join(f'{x:.2f}' for x in r['ratios'])})"
+            f"   labels agree on {100 * r['label_agreement']:.3f} %"
+        )
         if "peer_peak_mb" in r:
             line += f"\n{'':7s} peak memory: pydensecrf2 {r['peer_peak_mb']:.0f} MB, ours {r['ours_peak_mb']:.0f} MB"
         print(line, flush=True)

@@ -31,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import crf_speed  # (the photo, the unary and the layer's settings of the main benchmark)
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "src" / "crfasrnn" / "data"
-sys.path.insert(0, str(HERE))
-
-import crf_speed  # (the photo, the unary and the layer's settings of the main benchmark)
 
 
 def _timed(fn, sync=lambda: None) -> float:
@@ -50,7 +50,7 @@ def _median(values) -> float:
     return float(statistics.median(values))
 
 
-# --- compile -----------------------------------------------------------------------------------------------------------
+# --- compile ----------------------------------------------------------------------------------------------------------
 
 
 def bench_compile(repeats: int) -> dict:
@@ -73,7 +73,9 @@ def bench_compile(repeats: int) -> dict:
 
         return step
 
-    nets = {mode: CrfRnnNet(num_classes=21, num_iterations=5, width=1 / 16) for mode in ("eager", "default", "fullgraph")}
+    nets = {
+        mode: CrfRnnNet(num_classes=21, num_iterations=5, width=1 / 16) for mode in ("eager", "default", "fullgraph")
+    }
     for net in nets.values():
         net.load_state_dict(nets["eager"].state_dict())
     eager = make_step(nets["eager"])
@@ -139,7 +141,7 @@ def bench_contention(repeats: int) -> dict:
     }
 
 
-# --- cold start --------------------------------------------------------------------------------------------------------
+# --- cold start -------------------------------------------------------------------------------------------------------
 
 _COLD_SCRIPT = """
 import json, sys, time
@@ -169,8 +171,13 @@ print(json.dumps({"total_s": total, "compile_s": kernels}))
 def _refine_run(cache: str, image: Path, labels: Path, out: Path) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _COLD_SCRIPT, "refine", str(image), "--labels", str(labels),
-                           "-o", str(out)], capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COLD_SCRIPT, "refine", str(image), "--labels", str(labels), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
@@ -196,8 +203,9 @@ def bench_cold(repeats: int) -> dict:
         for _ in range(repeats):
             subprocess.run([sys.executable, "-c", "import crfasrnn.cli"], check=True)
         import_s = (time.perf_counter() - start) / repeats
-        interpreter = _median(_timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
-                              for _ in range(repeats))
+        interpreter = _median(
+            _timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(repeats)
+        )
     return {
         "photo_size": list(Image.open(photo).size),
         "cold_wall_s": cold["wall_s"],
@@ -211,7 +219,7 @@ def bench_cold(repeats: int) -> dict:
     }
 
 
-# --- GPU ---------------------------------------------------------------------------------------------------------------
+# --- GPU --------------------------------------------------------------------------------------------------------------
 
 
 def bench_gpu(repeats: int, device: str, sizes=(1, 8)) -> list[dict]:
@@ -272,29 +280,40 @@ def main() -> None:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     import torch
 
-    report: dict = {"torch": torch.__version__, "device": args.device, "repeats": args.repeats,
-                    "cpus": os.cpu_count()}
+    report: dict = {"torch": torch.__version__, "device": args.device, "repeats": args.repeats, "cpus": os.cpu_count()}
     if "compile" in sections:
         print("compile: a training step of CrfRnnNet (width 1/16, 21 classes, 5 iterations, 2x120x160)", flush=True)
         r = report["compile"] = bench_compile(args.repeats)
-        print(f"  eager {r['eager_s']:.3f} s; compiled {r['default_s']:.3f} s (x{r['default_vs_eager']:.2f}), "
-              f"fullgraph {r['fullgraph_s']:.3f} s (x{r['fullgraph_vs_eager']:.2f}); compilation "
-              f"{r['compile_s']['default']:.1f} s / {r['compile_s']['fullgraph']:.1f} s", flush=True)
+        print(
+            f"  eager {r['eager_s']:.3f} s; compiled {r['default_s']:.3f} s (x{r['default_vs_eager']:.2f}), "
+            f"fullgraph {r['fullgraph_s']:.3f} s (x{r['fullgraph_vs_eager']:.2f}); compilation "
+            f"{r['compile_s']['default']:.1f} s / {r['compile_s']['fullgraph']:.1f} s",
+            flush=True,
+        )
     if "contention" in sections:
         print("contention: the 500x375 forward (21 classes, 10 iterations) with one core busy", flush=True)
         r = report["contention"] = bench_contention(args.repeats)
-        print(f"  quiet, 1 thread {r['quiet_one_thread_s']:.3f} s; quiet, {r['threads']} threads "
-              f"{r['quiet_default_s']:.3f} s; one core busy, {r['threads']} threads {r['busy_default_s']:.3f} s: "
-              f"x{r['busy_default_vs_quiet_one_thread']:.2f} the quiet one-thread time (target <= 1.2; layer "
-              f"{r['threading_layer']})", flush=True)
+        print(
+            f"  quiet, 1 thread {r['quiet_one_thread_s']:.3f} s; quiet, {r['threads']} threads "
+            f"{r['quiet_default_s']:.3f} s; one core busy, {r['threads']} threads {r['busy_default_s']:.3f} s: "
+            f"x{r['busy_default_vs_quiet_one_thread']:.2f} the quiet one-thread time (target <= 1.2; layer "
+            f"{r['threading_layer']})",
+            flush=True,
+        )
     if "cold" in sections:
         print("cold: crfasrnn refine on the bundled photo, empty numba cache, then cached", flush=True)
         r = report["cold"] = bench_cold(args.repeats)
         kernels = ", ".join(f"{k} {v:.2f}" for k, v in r["cold_compile_s"].items())
-        print(f"  first call {r['cold_wall_s']:.1f} s, of which numba compiles {r['cold_compile_total_s']:.1f} s "
-              f"({kernels})", flush=True)
-        print(f"  cached: {r['warm_wall_s']:.2f} s; fixed start-up of a call (16x16 image) {r['fixed_startup_s']:.2f} s "
-              f"(python {r['python_startup_s']:.2f} s, import of the CLI {r['import_cli_s']:.2f} s)", flush=True)
+        print(
+            f"  first call {r['cold_wall_s']:.1f} s, of which numba compiles {r['cold_compile_total_s']:.1f} s "
+            f"({kernels})",
+            flush=True,
+        )
+        print(
+            f"  cached: {r['warm_wall_s']:.2f} s; fixed start-up of a call (16x16 image) {r['fixed_startup_s']:.2f} s "
+            f"(python {r['python_startup_s']:.2f} s, import of the CLI {r['import_cli_s']:.2f} s)",
+            flush=True,
+        )
     if "gpu" in sections:
         print(f"gpu: 500x375, 21 classes, 10 iterations on {args.device}", flush=True)
         batches = tuple(int(b) for b in args.gpu_batches.split(","))

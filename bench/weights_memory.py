@@ -67,12 +67,15 @@ def main() -> None:
         size_mb = path.stat().st_size / 2**20
         print(f"file: {path.stat().st_size:,} bytes ({size_mb:.0f} MiB)")
         for mode in ("load_model", "load_weights"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(path)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, str(path)], capture_output=True, text=True, check=True
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             extra = " (on top of the network's own 538 MB)" if mode == "load_weights" else " (network included)"
-            print(f"  {mode:<13} peak {r['peak_above_mb']:7.0f} MiB above the start = "
-                  f"{r['peak_above_mb'] / size_mb:.2f}x the file{extra}, {r['seconds']:.1f} s")
+            print(
+                f"  {mode:<13} peak {r['peak_above_mb']:7.0f} MiB above the start = "
+                f"{r['peak_above_mb'] / size_mb:.2f}x the file{extra}, {r['seconds']:.1f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Helpers and fixtures of the web-app tests (test modules import the fixtures by name): synthetic photos and label
-maps as upload bytes, a tiny segmentation network, and a real uvicorn server on a free port in a background thread."""
+"""Helpers of the web-app tests (their fixtures are in serve/conftest.py): synthetic photos and label maps as upload
+bytes, a tiny segmentation network, and a real uvicorn server on a free port in a background thread.
+
+This module imports neither FastAPI nor uvicorn at import time, so that the serve tests can skip without them."""
 
 from __future__ import annotations
 
@@ -7,15 +9,16 @@ import io
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pytest
 import torch
-
 from PIL import Image
 
 from crfasrnn.models import CrfRnnNet
-from crfasrnn.serve import Engine, create_app
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def png_bytes(array: np.ndarray, *, palette: bool = False, fmt: str = "PNG") -> bytes:
@@ -77,37 +80,6 @@ def tiny_network(num_classes: int = 21, *, seed: int = 0) -> CrfRnnNet:
     return net.eval()
 
 
-@pytest.fixture(scope="session")
-def refine_engine() -> Engine:
-    """Refinement mode (no weights), working at most 128 px so that requests take well under a second."""
-    from crfasrnn.serve import Limits
-
-    return Engine(limits=Limits(work_side=128))
-
-
-@pytest.fixture(scope="session")
-def segment_engine() -> Engine:
-    from crfasrnn.serve import Limits
-
-    return Engine(tiny_network(), limits=Limits(work_side=128), network_size=96)
-
-
-@pytest.fixture
-def client(refine_engine):
-    from fastapi.testclient import TestClient
-
-    with TestClient(create_app(refine_engine), raise_server_exceptions=False) as c:
-        yield c
-
-
-@pytest.fixture
-def segment_client(segment_engine):
-    from fastapi.testclient import TestClient
-
-    with TestClient(create_app(segment_engine), raise_server_exceptions=False) as c:
-        yield c
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,7 +97,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -137,9 +109,3 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-@pytest.fixture
-def live_server(refine_engine):
-    with LiveServer(create_app(refine_engine)) as server:
-        yield server

@@ -15,8 +15,17 @@ from crfasrnn.models import CrfRnnNet
 from crfasrnn.weights import CAFFE_LAYERS, PORT_KEYS, caffe_messages
 
 # The V1 LayerType numbers of caffe.proto for the types used below (MULTI_STAGE_MEANFIELD is the fork's own).
-_V1_TYPES = {"Convolution": 4, "Deconvolution": 39, "ReLU": 18, "Pooling": 17, "Dropout": 6, "Crop": 40,
-             "Eltwise": 25, "Split": 22, "MultiStageMeanfield": 60}
+_V1_TYPES = {
+    "Convolution": 4,
+    "Deconvolution": 39,
+    "ReLU": 18,
+    "Pooling": 17,
+    "Dropout": 6,
+    "Crop": 40,
+    "Eltwise": 25,
+    "Split": 22,
+    "MultiStageMeanfield": 60,
+}
 
 
 def random_state_dict(num_classes: int = 21, *, width: float = 1 / 16, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -42,11 +51,27 @@ def _layer_sequence() -> list[tuple[str, str]]:
         for i in range(1, n + 1):
             seq += [(f"conv{stage}_{i}", "Convolution"), (f"relu{stage}_{i}", "ReLU")]
         seq.append((f"pool{stage}", "Pooling"))
-    seq += [("fc6", "Convolution"), ("relu6", "ReLU"), ("drop6", "Dropout"), ("fc7", "Convolution"),
-            ("relu7", "ReLU"), ("drop7", "Dropout"), ("score-fr", "Convolution"), ("score2", "Deconvolution"),
-            ("score-pool4", "Convolution"), ("crop", "Crop"), ("fuse", "Eltwise"), ("score4", "Deconvolution"),
-            ("score-pool3", "Convolution"), ("crop", "Crop"), ("fuse", "Eltwise"), ("upsample", "Deconvolution"),
-            ("crop", "Crop"), ("splitting", "Split"), ("inference1", "MultiStageMeanfield")]
+    seq += [
+        ("fc6", "Convolution"),
+        ("relu6", "ReLU"),
+        ("drop6", "Dropout"),
+        ("fc7", "Convolution"),
+        ("relu7", "ReLU"),
+        ("drop7", "Dropout"),
+        ("score-fr", "Convolution"),
+        ("score2", "Deconvolution"),
+        ("score-pool4", "Convolution"),
+        ("crop", "Crop"),
+        ("fuse", "Eltwise"),
+        ("score4", "Deconvolution"),
+        ("score-pool3", "Convolution"),
+        ("crop", "Crop"),
+        ("fuse", "Eltwise"),
+        ("upsample", "Deconvolution"),
+        ("crop", "Crop"),
+        ("splitting", "Split"),
+        ("inference1", "MultiStageMeanfield"),
+    ]
     return seq
 
 
@@ -62,8 +87,16 @@ def caffe_blobs(state_dict: dict[str, torch.Tensor]) -> dict[str, list[np.ndarra
     return blobs
 
 
-def write_caffemodel(path: Path, state_dict: dict[str, torch.Tensor], *, v1: bool = True, legacy_shapes: bool = True,
-                     raw: bool = False, skip_layer: str | None = None, extra_layer: str | None = None) -> Path:
+def write_caffemodel(
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    v1: bool = True,
+    legacy_shapes: bool = True,
+    raw: bool = False,
+    skip_layer: str | None = None,
+    extra_layer: str | None = None,
+) -> Path:
     """Write a NetParameter: V1 (`layers`, blobs in field 6, num/channels/height/width) or V2 (`layer`, BlobShape)."""
     m = caffe_messages(raw=raw)
     net = m.NetParameter(name="TVG_CRFRNN_COCO_VOC")
@@ -79,7 +112,9 @@ def write_caffemodel(path: Path, state_dict: dict[str, torch.Tensor], *, v1: boo
             if legacy_shapes:
                 blob.num, blob.channels, blob.height, blob.width = a.shape
             else:
-                squeezed = a.reshape(a.shape[[i for i, d in enumerate(a.shape) if d != 1][0]:] if a.size > 1 else (1,))
+                squeezed = a.reshape(
+                    a.shape[next(i for i, d in enumerate(a.shape) if d != 1) :] if a.size > 1 else (1,)
+                )
                 blob.shape.dim.extend(squeezed.shape)
             if raw:
                 blob.data.append(np.ascontiguousarray(a, dtype="<f4").tobytes())

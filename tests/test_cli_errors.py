@@ -17,8 +17,13 @@ DATA = Path(__file__).resolve().parents[1] / "src" / "crfasrnn" / "data"
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "crfasrnn", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "crfasrnn", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _assert_one_line_error(proc, *fragments):
@@ -43,8 +48,9 @@ def test_a_decompression_bomb_is_refused(tmp_path, scene):
     Image.new("1", (14000, 14000)).save(bomb)  # 196 megapixels of zeros: a few hundred kilobytes on disk
     assert bomb.stat().st_size < 2_000_000
     _, labels = scene
-    _assert_one_line_error(_cli("refine", bomb, "--labels", labels, "-o", tmp_path / "o.png", "--max-pixels", "0"),
-                           "decompression bomb")
+    _assert_one_line_error(
+        _cli("refine", bomb, "--labels", labels, "-o", tmp_path / "o.png", "--max-pixels", "0"), "decompression bomb"
+    )
     _assert_one_line_error(_cli("refine", scene[0], "--labels", bomb, "-o", tmp_path / "o.png"), "bomb.png")
     assert not (tmp_path / "o.png").exists()
 
@@ -53,10 +59,14 @@ def test_the_pixel_limit_is_read_from_the_header_and_can_be_changed(tmp_path, sc
     photo, labels = scene
     big = tmp_path / "big.png"
     Image.new("1", (5000, 4000)).save(big)
-    _assert_one_line_error(_cli("refine", big, "--labels", labels, "-o", tmp_path / "o.png"),
-                           "5000x4000 (20,000,000 pixels), more than the limit of 16,777,216")
-    _assert_one_line_error(_cli("refine", photo, "--labels", labels, "-o", tmp_path / "o.png", "--max-pixels", "1000"),
-                           "40x30 (1,200 pixels)")
+    _assert_one_line_error(
+        _cli("refine", big, "--labels", labels, "-o", tmp_path / "o.png"),
+        "5000x4000 (20,000,000 pixels), more than the limit of 16,777,216",
+    )
+    _assert_one_line_error(
+        _cli("refine", photo, "--labels", labels, "-o", tmp_path / "o.png", "--max-pixels", "1000"),
+        "40x30 (1,200 pixels)",
+    )
     proc = _cli("refine", photo, "--labels", labels, "-o", tmp_path / "o.png", "--max-pixels", "1200")
     assert proc.returncode == 0, proc.stderr
 
@@ -77,8 +87,9 @@ def test_probabilities_big_endian_are_read_and_a_png_is_named(tmp_path, scene):
         assert proc.returncode == 0, proc.stderr
         outputs.append(np.array(Image.open(out)))
     assert np.array_equal(*outputs)
-    _assert_one_line_error(_cli("refine", photo, "--probs", labels, "-o", tmp_path / "x.png"),
-                           "not a .npy array file (it is a PNG image)")
+    _assert_one_line_error(
+        _cli("refine", photo, "--probs", labels, "-o", tmp_path / "x.png"), "not a .npy array file (it is a PNG image)"
+    )
 
 
 def test_weights_metadata_errors_name_the_file(tmp_path):

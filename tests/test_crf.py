@@ -41,9 +41,10 @@ def _assert_output_close(out: torch.Tensor, expected: np.ndarray) -> None:
 
 # --- the reference case -----------------------------------------------------------------------------------------------
 
+
 def test_parameters_and_initialisation():
     crf = CrfRnn(4)
-    names = {n: p for n, p in crf.named_parameters()}
+    names = dict(crf.named_parameters())
     assert set(names) == {"spatial_weights", "bilateral_weights", "compatibility"}
     for p in names.values():
         assert p.shape == (4, 4) and p.dtype == torch.float32 and p.requires_grad
@@ -109,6 +110,7 @@ def test_reference_gradients(case_a, device_backend):
 
 # --- behaviour --------------------------------------------------------------------------------------------------------
 
+
 def _random_inputs(batch, classes, height, width, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     unary = (2 * torch.randn(batch, classes, height, width, generator=g, dtype=dtype)).to(device)
@@ -154,8 +156,9 @@ def test_gradcheck_float64(device_backend):
     params = (unary, crf.spatial_weights, crf.bilateral_weights, crf.compatibility)
 
     def fn(u, ws, wb, m):
-        return crf_rnn(u, image, ws, wb, m, num_iterations=2, theta_alpha=4.0, theta_beta=60.0, theta_gamma=2.0,
-                       backend=backend)
+        return crf_rnn(
+            u, image, ws, wb, m, num_iterations=2, theta_alpha=4.0, theta_beta=60.0, theta_gamma=2.0, backend=backend
+        )
 
     assert torch.autograd.gradcheck(fn, params)
 
@@ -263,6 +266,7 @@ def test_crf_smooths_a_noisy_unary():
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "make,error,pattern",

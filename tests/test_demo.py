@@ -21,8 +21,15 @@ from crfasrnn.image import (
 def test_voc_palette_is_the_standard_colormap():
     palette = voc_palette()
     assert palette.shape == (256, 3)
-    expected = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128), 15: (192, 128, 128),
-                20: (0, 64, 128)}
+    expected = {
+        0: (0, 0, 0),
+        1: (128, 0, 0),
+        2: (0, 128, 0),
+        3: (128, 128, 0),
+        4: (0, 0, 128),
+        15: (192, 128, 128),
+        20: (0, 64, 128),
+    }
     for label, colour in expected.items():
         assert tuple(palette[label]) == colour
 
@@ -34,7 +41,7 @@ def test_label_map_round_trip(tmp_path):
         assert im.mode == "P"
         np.testing.assert_array_equal(np.asarray(im), labels)
     assert [p.name for p in tmp_path.iterdir()] == ["l.png"]  # no temporary left behind
-    with pytest.raises(ValueError, match="0..255"):
+    with pytest.raises(ValueError, match=r"0\.\.255"):
         save_label_map(np.full((2, 2), 300), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 

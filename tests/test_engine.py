@@ -70,10 +70,24 @@ def test_dense_crf_equals_the_written_out_mean_field(device_backend, shape, norm
     features = [position_features(shape, 2.0, like=unary), guided_features(guide, 3.0, (1.0, 2.0))]
     weights = [_matrix(form, c, gen), torch.tensor(0.7, dtype=torch.float64)]
     compat = [torch.tensor(-1.0, dtype=torch.float64), _matrix(form, c, gen)]
-    got = dense_crf(unary.to(device), [f.to(device) for f in features], [w.to(device) for w in weights],
-                    [m.to(device) for m in compat], normalization=norm, num_iterations=3, backend=backend)
-    want = _loop(unary, features, [_as_matrix(w, c) for w in weights], [_as_matrix(m, c) for m in compat],
-                 [norm, norm], 3, "torch")
+    got = dense_crf(
+        unary.to(device),
+        [f.to(device) for f in features],
+        [w.to(device) for w in weights],
+        [m.to(device) for m in compat],
+        normalization=norm,
+        num_iterations=3,
+        backend=backend,
+    )
+    want = _loop(
+        unary,
+        features,
+        [_as_matrix(w, c) for w in weights],
+        [_as_matrix(m, c) for m in compat],
+        [norm, norm],
+        3,
+        "torch",
+    )
     torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9)
 
 
@@ -95,11 +109,18 @@ def test_crf_rnn_is_a_configuration_of_the_engine(device_backend):
     with torch.no_grad():
         layer.spatial_weights.copy_(torch.rand(4, 4, generator=gen))
         layer.compatibility.add_(torch.rand(4, 4, generator=gen) * 0.3)
-    engine = DenseCRF(4, [GaussianKernel(positions=2.0, weight=layer.spatial_weights.detach().cpu(),
-                                         normalization="after"),
-                          GaussianKernel(positions=9.0, guide=20.0, weight=layer.bilateral_weights.detach().cpu(),
-                                         normalization="after")],
-                      num_iterations=5, compatibility=layer.compatibility.detach().cpu(), backend=backend).to(device)
+    engine = DenseCRF(
+        4,
+        [
+            GaussianKernel(positions=2.0, weight=layer.spatial_weights.detach().cpu(), normalization="after"),
+            GaussianKernel(
+                positions=9.0, guide=20.0, weight=layer.bilateral_weights.detach().cpu(), normalization="after"
+            ),
+        ],
+        num_iterations=5,
+        compatibility=layer.compatibility.detach().cpu(),
+        backend=backend,
+    ).to(device)
     want = layer(unary.to(device), image.to(device))
     torch.testing.assert_close(engine(unary.to(device), image.to(device)), want, rtol=0, atol=0)
 
@@ -108,15 +129,21 @@ def test_batch_equals_loop_and_shared_features_equal_repeated_ones():
     gen = torch.Generator().manual_seed(5)
     unary = torch.randn(3, 2, 5, 6, 7, generator=gen)
     guide = torch.rand(3, 1, 5, 6, 7, generator=gen)
-    crf = DenseCRF(2, [GaussianKernel(positions=(1.0, 2.0, 2.0), weight=1.0),
-                       GaussianKernel(positions=3.0, guide=0.2, weight=torch.tensor([1.0, 2.0]))])
+    crf = DenseCRF(
+        2,
+        [
+            GaussianKernel(positions=(1.0, 2.0, 2.0), weight=1.0),
+            GaussianKernel(positions=3.0, guide=0.2, weight=torch.tensor([1.0, 2.0])),
+        ],
+    )
     batch = crf(unary, guide, spacing=(2.0, 1.0, 1.0))
     for i in range(3):
-        one = crf(unary[i:i + 1], guide[i:i + 1], spacing=(2.0, 1.0, 1.0))
-        torch.testing.assert_close(batch[i:i + 1], one, rtol=1e-5, atol=1e-5)
+        one = crf(unary[i : i + 1], guide[i : i + 1], spacing=(2.0, 1.0, 1.0))
+        torch.testing.assert_close(batch[i : i + 1], one, rtol=1e-5, atol=1e-5)
     shared = position_features((5, 6, 7), 2.0)
-    torch.testing.assert_close(dense_crf(unary, [shared]), dense_crf(unary, [shared.expand(3, -1, -1, -1, -1)]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dense_crf(unary, [shared]), dense_crf(unary, [shared.expand(3, -1, -1, -1, -1)]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gradcheck_unary_weights_and_compatibility():
@@ -128,6 +155,7 @@ def test_gradcheck_unary_weights_and_compatibility():
     matrix = torch.rand(3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     scalar = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
     for norm in NORMALIZATIONS:
+
         def f(u, v, m, s, norm=norm):
             return dense_crf(u, features, [v, 1.0], [s, m], normalization=norm, num_iterations=3)
 
@@ -135,8 +163,11 @@ def test_gradcheck_unary_weights_and_compatibility():
 
 
 def test_module_parameters_learn_in_their_form():
-    crf = DenseCRF(3, [GaussianKernel(positions=2.0, weight=2.0), GaussianKernel(guide=0.5, weight=[1.0, 2.0, 3.0])],
-                   compatibility=torch.eye(3) * -1)
+    crf = DenseCRF(
+        3,
+        [GaussianKernel(positions=2.0, weight=2.0), GaussianKernel(guide=0.5, weight=[1.0, 2.0, 3.0])],
+        compatibility=torch.eye(3) * -1,
+    )
     assert [tuple(w.shape) for w in crf.weights] == [(), (3,)] and crf.compatibility.shape == (3, 3)
     unary, guide = torch.randn(1, 3, 6, 7), torch.rand(1, 2, 6, 7)
     crf(unary, guide).square().sum().backward()
@@ -215,7 +246,9 @@ for fullgraph in (False, True):
         err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))
         report[f"{fullgraph}-{shape}"] = err
 exported = torch.export.export(crf, (torch.randn(1, 3, 4, 6, 7), torch.rand(1, 2, 4, 6, 7)))
-targets = sorted({str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "crfasrnn" in str(n.target)})
+targets = sorted(
+    {str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "crfasrnn" in str(n.target)}
+)
 x = (torch.randn(1, 3, 4, 6, 7), torch.rand(1, 2, 4, 6, 7))
 export_err = float((exported.module()(*x) - crf(*x)).abs().max())
 print(json.dumps({"compile": report, "targets": targets, "export_err": export_err}))

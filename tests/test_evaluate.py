@@ -69,15 +69,15 @@ def test_out_of_range_labels_are_errors():
         confusion_matrix(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), 3)
 
 
-@pytest.fixture()
+@pytest.fixture
 def hand_made(tmp_path):
     """A 2-image VOC-layout dataset (3 classes) and hand-made predictions for it."""
     root = make_synthetic_voc(tmp_path / "data", num_train=1, num_val=2, size=(2, 3), num_classes=3)
     truth = {"val_0000": [[0, 0, 1], [1, 2, 255]], "val_0001": [[2, 2, 2], [0, 1, 1]]}
     preds = {"val_0000": [[0, 1, 1], [1, 0, 2]], "val_0001": [[2, 2, 0], [0, 1, 2]]}
     pred_dir = tmp_path / "pred"
-    for stem in truth:
-        save_label_map(np.array(truth[stem]), root / "SegmentationClass" / f"{stem}.png")
+    for stem, labels in truth.items():
+        save_label_map(np.array(labels), root / "SegmentationClass" / f"{stem}.png")
         save_label_map(np.array(preds[stem]), pred_dir / f"{stem}.png")
     # counts (truth, pred): image 1: (0,0) (0,1) (1,1) (1,1) (2,0); image 2: (2,2) (2,2) (2,0) (0,0) (1,1) (1,2)
     # cm = [[2,1,0],[0,3,1],[2,0,2]]: IoU 0: 2/(3+4-2) = 2/5, 1: 3/(4+4-3) = 3/5, 2: 2/(4+3-2) = 2/5

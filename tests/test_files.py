@@ -52,8 +52,9 @@ def test_non_regular_targets_are_refused_and_left_alone(tmp_path, kind):
     with pytest.raises(OutputError, match="not a regular file"):
         atomic_write(target, _write_text("x"))
     assert real.read_text() == "keep"
-    assert {"symlink": target.is_symlink(), "fifo": stat.S_ISFIFO(os.lstat(target).st_mode),
-            "folder": target.is_dir()}[kind]
+    assert {"symlink": target.is_symlink(), "fifo": stat.S_ISFIFO(os.lstat(target).st_mode), "folder": target.is_dir()}[
+        kind
+    ]
 
 
 def test_a_device_is_refused():
@@ -97,8 +98,14 @@ def test_orphaned_temporaries_are_removed_after_a_successful_write(tmp_path):
 
 
 def _refine_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "crfasrnn", "refine", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "crfasrnn", "refine", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        check=False,
+    )
 
 
 def test_refine_refuses_to_overwrite_its_input_a_fifo_or_a_wrong_extension(tmp_path):
@@ -110,8 +117,12 @@ def test_refine_refuses_to_overwrite_its_input_a_fifo_or_a_wrong_extension(tmp_p
     before = photo.read_bytes(), labels.read_bytes()
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    for output, message in [(photo, "also an input"), (labels, "also an input"), (fifo, "a FIFO"),
-                            (tmp_path / "out.jpg", r"must end in \.png")]:
+    for output, message in [
+        (photo, "also an input"),
+        (labels, "also an input"),
+        (fifo, "a FIFO"),
+        (tmp_path / "out.jpg", r"must end in \.png"),
+    ]:
         proc = _refine_cli(photo, "--labels", labels, "-o", output, cwd=tmp_path)
         assert proc.returncode == 1, proc.stderr
         assert message.replace("\\", "") in proc.stderr and "Traceback" not in proc.stderr
@@ -123,9 +134,23 @@ def test_segment_with_unreadable_weights_creates_no_output_folder(tmp_path):
     bad = tmp_path / "bad.caffemodel"
     bad.write_bytes(b"not a protobuf")
     shutil.copy(DATA / "astronaut.jpg", tmp_path / "photo.jpg")
-    proc = subprocess.run([sys.executable, "-m", "crfasrnn", "segment", str(tmp_path / "photo.jpg"), "--weights",
-                           str(bad), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crfasrnn",
+            "segment",
+            str(tmp_path / "photo.jpg"),
+            "--weights",
+            str(bad),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -135,8 +160,9 @@ def tiny_disk(tmp_path):
     """A 256 KB tmpfs (root only; skipped where mounting is not allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
-                          check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, check=False
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode(errors='replace').strip()}")
     try:
@@ -150,8 +176,13 @@ def test_convert_to_a_full_disk_says_so_in_one_line(tmp_path, tiny_disk):
 
     source = write_port_pth(tmp_path / "port.pth", random_state_dict(21, width=1 / 16, seed=0))
     for destination in (tiny_disk / "w.safetensors", tiny_disk / "w.pt"):
-        proc = subprocess.run([sys.executable, "-m", "crfasrnn", "convert", str(source), str(destination)],
-                              capture_output=True, text=True, timeout=300, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "crfasrnn", "convert", str(source), str(destination)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert proc.returncode == 1, proc.stderr
         assert "no space left on device writing" in proc.stderr and str(destination) in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from crfasrnn import CrfRnn
-from crfasrnn.models import CROP_OFFSETS, FCN8s, CrfRnnNet, bilinear_kernel
+from crfasrnn.models import CROP_OFFSETS, CrfRnnNet, FCN8s, bilinear_kernel
 
 # SPEC §6.2, as printed from the PyTorch port's CrfRnnNet().state_dict(), with the port's crfrnn.* replaced by ours.
 _C = 21
@@ -47,9 +47,7 @@ def test_state_dict_matches_spec_full_width():
         fcn, net = FCN8s(), CrfRnnNet()
     assert _shapes(fcn) == SPEC_STATE_DICT
     assert _shapes(net) == {**SPEC_STATE_DICT, **SPEC_CRF}
-    assert sum(p.numel() for p in fcn.parameters()) == sum(
-        torch.Size(s).numel() for s in SPEC_STATE_DICT.values()
-    )
+    assert sum(p.numel() for p in fcn.parameters()) == sum(torch.Size(s).numel() for s in SPEC_STATE_DICT.values())
 
 
 def test_width_scales_channels():
@@ -83,11 +81,26 @@ def test_intermediate_sizes_500():
     def in_hook(name):
         return lambda m, i: sizes.__setitem__(name, tuple(i[0].shape[2:]))
 
-    for name in ("conv1_1", "conv1_2", "fc6", "fc7", "score_fr", "upscore2", "score_pool4", "upscore_pool4",
-                 "score_pool3", "upscore8"):
+    for name in (
+        "conv1_1",
+        "conv1_2",
+        "fc6",
+        "fc7",
+        "score_fr",
+        "upscore2",
+        "score_pool4",
+        "upscore_pool4",
+        "score_pool3",
+        "upscore8",
+    ):
         getattr(net, name).register_forward_hook(out_hook(name))
-    for pool, consumer in (("pool1", "conv2_1"), ("pool2", "conv3_1"), ("pool3", "conv4_1"), ("pool4", "conv5_1"),
-                           ("pool5", "fc6")):
+    for pool, consumer in (
+        ("pool1", "conv2_1"),
+        ("pool2", "conv3_1"),
+        ("pool3", "conv4_1"),
+        ("pool4", "conv5_1"),
+        ("pool5", "fc6"),
+    ):
         getattr(net, consumer).register_forward_pre_hook(in_hook(pool))
     with torch.no_grad():
         out = net(torch.randn(1, 3, 500, 500))
@@ -121,9 +134,11 @@ def test_crop_offsets_follow_from_caffe_coordinate_maps():
     to_upscore_pool4 = to_upscore2 + [("deconv", 4, 2, 0)]
     to_upscore8 = to_upscore_pool4 + [("deconv", 16, 8, 0)]
     # data coordinate of position 0 of each blob; the crop offset is the difference expressed in the cropped blob.
-    for cropped, reference, offset in ((to_pool4 + [conv(1, 1, 0)], to_upscore2, CROP_OFFSETS[0]),
-                                       (to_pool3 + [conv(1, 1, 0)], to_upscore_pool4, CROP_OFFSETS[1]),
-                                       (to_upscore8, [], CROP_OFFSETS[2])):
+    for cropped, reference, offset in (
+        (to_pool4 + [conv(1, 1, 0)], to_upscore2, CROP_OFFSETS[0]),
+        (to_pool3 + [conv(1, 1, 0)], to_upscore_pool4, CROP_OFFSETS[1]),
+        (to_upscore8, [], CROP_OFFSETS[2]),
+    ):
         a_c, b_c = _coord_map(cropped)
         a_r, b_r = _coord_map(reference)
         assert a_c == a_r  # same scale, so a pure translation

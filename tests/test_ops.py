@@ -36,16 +36,16 @@ def _scene(batch=2, classes=4, height=18, width=23, *, seed=0, dtype=torch.float
     """A two-region image with noisy unaries: enough structure that the CRF changes labels, deterministic."""
     g = torch.Generator().manual_seed(seed)
     image = torch.zeros(batch, 3, height, width)
-    image[:, :, :, width // 2:] = 200.0
+    image[:, :, :, width // 2 :] = 200.0
     image += 10 * torch.rand(batch, 3, height, width, generator=g)
     unary = 2 * torch.randn(batch, classes, height, width, generator=g)
     return unary.to(device, dtype), image.to(device, dtype)
 
 
-# --- opcheck on every registered operator ------------------------------------------------------------------------------
+# --- opcheck on every registered operator -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device,backend", _devices_backends(), ids=lambda x: str(x))
+@pytest.mark.parametrize("device,backend", _devices_backends(), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_opcheck_every_operator(device, backend, dtype):
     g = torch.Generator().manual_seed(1)
@@ -55,9 +55,17 @@ def test_opcheck_every_operator(device, backend, dtype):
     opcheck(torch.ops.crfasrnn.lattice_build.default, (points[:, :29], backend, 4))  # the reference's padding
     opcheck(torch.ops.crfasrnn.lattice_build.default, (points, backend, 1, True))  # compact: no splat lists
     compact = lattice_ops.build(points, backend, 1, True)
-    opcheck(torch.ops.crfasrnn.mean_field.default, (torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device),
-                                                    compact, [-2.0 * torch.eye(4, dtype=dtype, device=device)], [3], 2,
-                                                    False))
+    opcheck(
+        torch.ops.crfasrnn.mean_field.default,
+        (
+            torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device),
+            compact,
+            [-2.0 * torch.eye(4, dtype=dtype, device=device)],
+            [3],
+            2,
+            False,
+        ),
+    )
     bilateral = lattice_ops.build(points, backend)
     spatial = lattice_ops.build(spatial_points, backend)
     values = torch.rand(2, 30, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)
@@ -69,17 +77,25 @@ def test_opcheck_every_operator(device, backend, dtype):
     potts = [(s * torch.eye(4, dtype=dtype, device=device)).requires_grad_(True) for s in (-3.0, -5.0)]
     single = [torch.randn(4, 4, generator=g, dtype=dtype).to(device).requires_grad_(True)]
     three = dense + [(-2.0 * torch.eye(4, dtype=dtype, device=device)).requires_grad_(True)]
-    for mixing, lattices, modes in ((dense, spatial + bilateral, [2, 2]), (potts, spatial + bilateral, [3, 1]),
-                                    (single, bilateral, [0]), (three, spatial + bilateral + bilateral, [1, 2, 3])):
+    for mixing, lattices, modes in (
+        (dense, spatial + bilateral, [2, 2]),
+        (potts, spatial + bilateral, [3, 1]),
+        (single, bilateral, [0]),
+        (three, spatial + bilateral + bilateral, [1, 2, 3]),
+    ):
         opcheck(torch.ops.crfasrnn.mean_field.default, (unary, lattices, mixing, modes, 3, True))
-        opcheck(torch.ops.crfasrnn.mean_field.default, (unary.detach(), lattices, [a.detach() for a in mixing], modes,
-                                                        2, False))
+        opcheck(
+            torch.ops.crfasrnn.mean_field.default,
+            (unary.detach(), lattices, [a.detach() for a in mixing], modes, 2, False),
+        )
         _, probs = torch.ops.crfasrnn.mean_field(unary, lattices, mixing, modes, 3, True)
         grad = torch.randn(2, 30, 4, generator=g, dtype=dtype).to(device)
         k = len(mixing)
         for needs in [(True, [True] * k), (True, [False] * k), (False, [True] + [False] * (k - 1))]:
-            opcheck(torch.ops.crfasrnn.mean_field_backward.default,
-                    (grad, probs.detach(), lattices, [a.detach() for a in mixing], modes, *needs))
+            opcheck(
+                torch.ops.crfasrnn.mean_field_backward.default,
+                (grad, probs.detach(), lattices, [a.detach() for a in mixing], modes, *needs),
+            )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,7 +106,7 @@ def test_mean_field_with_any_kernels_and_normalisations_matches_a_written_out_lo
     every mixing matrix; and the normalisations themselves are what they say (``n = 1 / K·1``)."""
     g = torch.Generator().manual_seed(4)
     n, c = 25, 3
-    features = [torch.rand(2, n, d, generator=g, dtype=torch.float64) * 3 for d in (2, 3, 4)][:len(modes)]
+    features = [torch.rand(2, n, d, generator=g, dtype=torch.float64) * 3 for d in (2, 3, 4)][: len(modes)]
     lattices = [lattice_ops.build(f, backend) for f in features]
     mixing = [torch.randn(c, c, generator=g, dtype=torch.float64) for _ in features]
     if len(modes) == 2:  # two Potts-like kernels: the fused pass of the numba back end, with its splat pre-scales
@@ -99,8 +115,9 @@ def test_mean_field_with_any_kernels_and_normalisations_matches_a_written_out_lo
     unary = torch.randn(2, n, c, generator=g, dtype=torch.float64, requires_grad=True)
     q, _ = torch.ops.crfasrnn.mean_field(unary, [t for lat in lattices for t in lat], mixing, modes, 3, True)
     with torch.no_grad():  # the inference path (buffers reused, softmax fused) gives the same scores
-        q_inference, _ = torch.ops.crfasrnn.mean_field(unary, [t for lat in lattices for t in lat], mixing, modes, 3,
-                                                       False)
+        q_inference, _ = torch.ops.crfasrnn.mean_field(
+            unary, [t for lat in lattices for t in lat], mixing, modes, 3, False
+        )
     torch.testing.assert_close(q_inference, q.detach(), rtol=1e-12, atol=1e-12)
 
     def message(lattice, p, mode):  # by the definitions, from unnormalised filterings
@@ -176,8 +193,9 @@ def test_compile_in_a_fresh_process_with_an_empty_numba_cache(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
     script = tmp_path / "compile_check.py"
     script.write_text(_COMPILE_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(report) == {f"{m}-{s}" for m in ("default", "fullgraph") for s in ("20x28", "33x17")}
@@ -243,7 +261,7 @@ def test_autocast_float16_on_cuda_computes_in_float32():
     assert (got.argmax(1) == want.argmax(1)).float().mean().item() >= 0.99
 
 
-@pytest.mark.parametrize("device,backend", _devices_backends(), ids=lambda x: str(x))
+@pytest.mark.parametrize("device,backend", _devices_backends(), ids=str)
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(device, backend, half):
     unary, image = _scene(device=device)
@@ -262,7 +280,7 @@ def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(device,
 # --- memory formats, contiguity, determinism -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device,backend", _devices_backends(), ids=lambda x: str(x))
+@pytest.mark.parametrize("device,backend", _devices_backends(), ids=str)
 def test_channels_last_and_non_contiguous_inputs_give_identical_results(device, backend):
     unary, image = _scene(device=device)
     crf = CrfRnn(4, 4, backend=backend).to(device)
@@ -278,7 +296,7 @@ def test_channels_last_and_non_contiguous_inputs_give_identical_results(device, 
     assert cl.is_contiguous() and strided.is_contiguous()
 
 
-@pytest.mark.parametrize("device,backend", _devices_backends(), ids=lambda x: str(x))
+@pytest.mark.parametrize("device,backend", _devices_backends(), ids=str)
 def test_deterministic_mode_gives_bit_identical_repeats(device, backend):
     unary, image = _scene(device=device)
     crf = CrfRnn(4, 4, backend=backend).to(device)
@@ -336,8 +354,9 @@ class _RefineDataset(torch.utils.data.Dataset):
 def test_forked_dataloader_workers_run_the_kernels_after_the_parent_did():
     dataset = _RefineDataset()
     parent = [dataset[i] for i in range(len(dataset))]  # the parent uses the kernels (and their threads) first
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, timeout=300,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=2, timeout=300, multiprocessing_context="fork"
+    )
     batches = list(loader)
     assert len(batches) == 3
     assert torch.equal(torch.cat(batches), torch.stack(parent))
@@ -409,7 +428,8 @@ def test_the_workqueue_fallback_is_safe_from_several_threads():
     """Without TBB, numba's workqueue layer aborts the process when two threads launch kernels at once; the kernel
     launches are serialised there, so threads get the serial results."""
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    proc = subprocess.run([sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKQUEUE_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "workqueue"

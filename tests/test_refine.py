@@ -111,8 +111,17 @@ def test_refine_is_the_crf_rnn_layer_with_potts_weights():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     probs = rng.dirichlet(np.ones(4), size=(20, 24)).transpose(2, 0, 1).astype(np.float32)
-    labels, marginals = refine(image, probs=probs, num_iterations=4, theta_alpha=30, theta_beta=20, theta_gamma=2,
-                               spatial_weight=2, bilateral_weight=7, return_probs=True)
+    labels, marginals = refine(
+        image,
+        probs=probs,
+        num_iterations=4,
+        theta_alpha=30,
+        theta_beta=20,
+        theta_gamma=2,
+        spatial_weight=2,
+        bilateral_weight=7,
+        return_probs=True,
+    )
     crf = CrfRnn(4, 4, theta_alpha=30, theta_beta=20, theta_gamma=2, spatial_weight=2, bilateral_weight=7)
     with torch.no_grad():
         logits = crf(torch.from_numpy(probs).log()[None], torch.from_numpy(image).permute(2, 0, 1)[None].float())
@@ -230,8 +239,9 @@ def coarse_noisy_probs(truth: np.ndarray, num_classes: int, seed: int, block: in
 
 
 def mean_iou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
-    return float(np.mean([((pred == c) & (truth == c)).sum() / ((pred == c) | (truth == c)).sum()
-                          for c in range(num_classes)]))
+    return float(
+        np.mean([((pred == c) & (truth == c)).sum() / ((pred == c) | (truth == c)).sum() for c in range(num_classes)])
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -74,8 +74,9 @@ def test_refine_probabilities_hwc_at_lower_resolution(tmp_path):
     coarse[:, 6:] = (0.2, 0.8)
     np.save(tmp_path / "p.npy", coarse)
     assert main(["refine", str(photo), "--probs", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o.png")]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")),
-                                  (np.arange(40) >= edge)[None].repeat(32, 0))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "o.png")), (np.arange(40) >= edge)[None].repeat(32, 0)
+    )
 
 
 def scene_folders(tmp_path: Path) -> None:
@@ -134,8 +135,10 @@ def bad_inputs(tmp_path: Path):
     }
 
 
-@pytest.mark.parametrize("case", ["size", "negative", "sum", "nan", "rank", "classes", "corrupt image",
-                                  "corrupt labels", "missing", "parameter"])
+@pytest.mark.parametrize(
+    "case",
+    ["size", "negative", "sum", "nan", "rank", "classes", "corrupt image", "corrupt labels", "missing", "parameter"],
+)
 def test_refine_errors_are_one_line_and_write_nothing(tmp_path, capsys, case):
     import re
 
@@ -160,12 +163,33 @@ def test_classic_densecrf_examples_agree_with_the_original_outputs(tmp_path, ind
     compat 3, bilateral sxy 80 / srgb 13 / compat 10) agrees with out<i> on 99.60 %, 99.59 % and 99.64 % of pixels."""
     folder = densecrf_examples()
     if folder is None:
-        pytest.skip("the classic dense-CRF examples are not here: set CRFASRNN_DENSECRF_EXAMPLES or provide "
-                    "<repo>/../shared/reference/densecrf_examples")
+        pytest.skip(
+            "the classic dense-CRF examples are not here: set CRFASRNN_DENSECRF_EXAMPLES or provide "
+            "<repo>/../shared/reference/densecrf_examples"
+        )
     out = tmp_path / "out.png"
-    args = ["refine", str(folder / f"im{index}.png"), "--labels", str(folder / f"anno{index}.png"), "-o", str(out),
-            "--iterations", "5", "--gt-prob", "0.7", "--theta-gamma", "3", "--spatial-weight", "3",
-            "--theta-alpha", "80", "--theta-beta", "13", "--bilateral-weight", "10"]
+    args = [
+        "refine",
+        str(folder / f"im{index}.png"),
+        "--labels",
+        str(folder / f"anno{index}.png"),
+        "-o",
+        str(out),
+        "--iterations",
+        "5",
+        "--gt-prob",
+        "0.7",
+        "--theta-gamma",
+        "3",
+        "--spatial-weight",
+        "3",
+        "--theta-alpha",
+        "80",
+        "--theta-beta",
+        "13",
+        "--bilateral-weight",
+        "10",
+    ]
     assert main(args) == 0
     ours = np.asarray(Image.open(out).convert("RGB"))
     reference = np.asarray(Image.open(folder / f"out{index}.png").convert("RGB"))

@@ -55,8 +55,9 @@ def test_npy_labels_recover_the_true_boundary(tmp_path, capsys):
     assert run(tmp_path / "vol.npy", "--labels", tmp_path / "lab.npy", "-o", out) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith(f"wrote {out} (12x16x16 voxels, spacing 1x1x1, 2 classes")
-    assert re.search(r"changed the label of [1-9]\d* of \d+ labelled voxels and labelled \d+ unknown voxels",
-                     printed[0])
+    assert re.search(
+        r"changed the label of [1-9]\d* of \d+ labelled voxels and labelled \d+ unknown voxels", printed[0]
+    )
     result = np.load(out)
     assert result.dtype == np.uint8 and result.shape == SHAPE
     assert agreement(result, truth) >= 0.99
@@ -94,8 +95,20 @@ def test_many_classes_are_written_as_int32(tmp_path):
     np.save(tmp_path / "vol.npy", volume)
     np.save(tmp_path / "lab.npy", rough)
     out = tmp_path / "out.npy"
-    assert run(tmp_path / "vol.npy", "--labels", tmp_path / "lab.npy", "-o", out, "--num-classes", "300",
-               "--iterations", "0") == 0
+    assert (
+        run(
+            tmp_path / "vol.npy",
+            "--labels",
+            tmp_path / "lab.npy",
+            "-o",
+            out,
+            "--num-classes",
+            "300",
+            "--iterations",
+            "0",
+        )
+        == 0
+    )
     assert np.load(out).dtype == np.int32
 
 
@@ -167,7 +180,7 @@ def set_raw_pixdim(path: Path, axis: int, value: float) -> None:
     gz = path.name.endswith(".gz")
     raw = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
     offset = 80 + 4 * axis
-    raw[offset:offset + 4] = np.float32(value).tobytes()
+    raw[offset : offset + 4] = np.float32(value).tobytes()
     path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
 
 
@@ -224,8 +237,22 @@ def test_nifti_spacing_comes_from_the_header_and_spacing_overrides_it(tmp_path):
     # the header's spacing is the one given explicitly to a .npy of the same arrays
     np.save(tmp_path / "vol.npy", volume)
     np.save(tmp_path / "lab.npy", labels)
-    assert run(tmp_path / "vol.npy", "--labels", tmp_path / "lab.npy", "--bilateral-weight", "0", "--spacing", "10",
-               "1", "1", "-o", tmp_path / "npy.npy") == 0
+    assert (
+        run(
+            tmp_path / "vol.npy",
+            "--labels",
+            tmp_path / "lab.npy",
+            "--bilateral-weight",
+            "0",
+            "--spacing",
+            "10",
+            "1",
+            "1",
+            "-o",
+            tmp_path / "npy.npy",
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "npy.npy"), labels)
 
 
@@ -235,8 +262,22 @@ def test_spacing_overrides_an_unusable_header_spacing(tmp_path):
     nifti(tmp_path / "vol.nii", volume)
     nifti(tmp_path / "lab.nii", labels)
     set_raw_pixdim(tmp_path / "vol.nii", 0, 0.0)  # refused on its own (see the bad-input cases)
-    assert run(tmp_path / "vol.nii", "--labels", tmp_path / "lab.nii", "--bilateral-weight", "0", "--spacing", "10",
-               "1", "1", "-o", tmp_path / "out.nii") == 0
+    assert (
+        run(
+            tmp_path / "vol.nii",
+            "--labels",
+            tmp_path / "lab.nii",
+            "--bilateral-weight",
+            "0",
+            "--spacing",
+            "10",
+            "1",
+            "1",
+            "-o",
+            tmp_path / "out.nii",
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "out.nii").dataobj), labels)
 
 
@@ -274,7 +315,10 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "nan volume": ([tmp_path / "nan_vol.npy", "--labels", lab], "nan_vol.npy.*NaN or Inf"),
         "inf volume": ([tmp_path / "inf_vol.npy", "--labels", lab], "inf_vol.npy.*NaN or Inf"),
         "nan probs": ([vol, "--probs", tmp_path / "nan_p.npy"], "nan_p.npy.*NaN or Inf"),
-        "float labels": ([vol, "--labels", tmp_path / "float_lab.npy"], "float_lab.npy.*float32.*labels must be integers"),
+        "float labels": (
+            [vol, "--labels", tmp_path / "float_lab.npy"],
+            "float_lab.npy.*float32.*labels must be integers",
+        ),
         "complex volume": ([tmp_path / "complex_vol.npy", "--labels", lab], "complex"),
         "object volume": ([tmp_path / "object_vol.npy", "--labels", lab], "dtype object"),
         "integer probs": ([vol, "--probs", tmp_path / "int_p.npy"], "int64.*must be floating point"),
@@ -294,7 +338,14 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
     return cases
 
 
-NIFTI_CASES = ["2-D nifti", "zero header spacing", "negative header spacing", "corrupt nifti", "truncated nifti.gz", "nifti output format"]
+NIFTI_CASES = [
+    "2-D nifti",
+    "zero header spacing",
+    "negative header spacing",
+    "corrupt nifti",
+    "truncated nifti.gz",
+    "nifti output format",
+]
 
 
 def bad_nifti_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
@@ -311,14 +362,20 @@ def bad_nifti_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
     lab = tmp_path / "lab.nii.gz"
     return {
         "2-D nifti": ([tmp_path / "flat.nii", "--labels", lab], r"2-D NIfTI image \(shape \(16, 16\)\)"),
-        "zero header spacing": ([tmp_path / "zero.nii", "--labels", lab],
-                                r"spacing \(1\.0, 0\.0, 1\.0\) in its header.*> 0.*--spacing"),
-        "negative header spacing": ([tmp_path / "negative.nii.gz", "--labels", lab],
-                                    r"spacing \(1\.0, -2\.0, 1\.0\) in its header"),
+        "zero header spacing": (
+            [tmp_path / "zero.nii", "--labels", lab],
+            r"spacing \(1\.0, 0\.0, 1\.0\) in its header.*> 0.*--spacing",
+        ),
+        "negative header spacing": (
+            [tmp_path / "negative.nii.gz", "--labels", lab],
+            r"spacing \(1\.0, -2\.0, 1\.0\) in its header",
+        ),
         "corrupt nifti": ([tmp_path / "corrupt.nii", "--labels", lab], "cannot read volume .*corrupt.nii"),
         "truncated nifti.gz": ([tmp_path / "truncated.nii.gz", "--labels", lab], "cannot read volume .*truncated"),
-        "nifti output format": ([tmp_path / "vol.nii.gz", "--labels", lab, "-o", tmp_path / "out" / "o.npy"],
-                                "must end in .nii or .nii.gz"),
+        "nifti output format": (
+            [tmp_path / "vol.nii.gz", "--labels", lab, "-o", tmp_path / "out" / "o.npy"],
+            "must end in .nii or .nii.gz",
+        ),
     }
 
 
@@ -341,9 +398,29 @@ def check_refused(tmp_path, capsys, args, match):
     assert not list(tmp_path.glob("**/.*.tmp"))
 
 
-BAD_CASES = ["labels shape", "probs shape", "nan volume", "inf volume", "nan probs", "float labels", "complex volume",
-             "object volume", "integer probs", "probs sum", "negative probs", "2-D npy", "label range", "zero spacing",
-             "negative spacing", "corrupt npy", "not npy", "missing", "labels format", "output format", "overlay"]
+BAD_CASES = [
+    "labels shape",
+    "probs shape",
+    "nan volume",
+    "inf volume",
+    "nan probs",
+    "float labels",
+    "complex volume",
+    "object volume",
+    "integer probs",
+    "probs sum",
+    "negative probs",
+    "2-D npy",
+    "label range",
+    "zero spacing",
+    "negative spacing",
+    "corrupt npy",
+    "not npy",
+    "missing",
+    "labels format",
+    "output format",
+    "overlay",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -363,13 +440,21 @@ def test_nifti_without_nibabel_says_how_to_install_it(tmp_path, capsys, monkeypa
     (tmp_path / "vol.nii.gz").write_bytes(b"not read: nibabel is missing")
     np.save(tmp_path / "lab.npy", rough)
     monkeypatch.setitem(sys.modules, "nibabel", None)  # `import nibabel` now raises ImportError
-    check_refused(tmp_path, capsys, [tmp_path / "vol.nii.gz", "--labels", tmp_path / "lab.npy", "-o",
-                                     tmp_path / "out" / "o.nii.gz"], r"needs nibabel: pip install 'crfasrnn\[nifti\]'")
+    check_refused(
+        tmp_path,
+        capsys,
+        [tmp_path / "vol.nii.gz", "--labels", tmp_path / "lab.npy", "-o", tmp_path / "out" / "o.nii.gz"],
+        r"needs nibabel: pip install 'crfasrnn\[nifti\]'",
+    )
 
 
 def test_spacing_is_refused_for_photos(tmp_path, capsys):
     photo, labels = tmp_path / "photo.png", tmp_path / "labels.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
     Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(labels)
-    check_refused(tmp_path, capsys, [photo, "--labels", labels, "--spacing", "1", "1", "1", "-o",
-                                     tmp_path / "out" / "o.png"], "--spacing is for volumes")
+    check_refused(
+        tmp_path,
+        capsys,
+        [photo, "--labels", labels, "--spacing", "1", "1", "1", "-o", tmp_path / "out" / "o.png"],
+        "--spacing is for volumes",
+    )

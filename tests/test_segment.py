@@ -12,11 +12,12 @@ from synthetic_weights import random_state_dict, write_caffemodel, write_port_pt
 
 from crfasrnn import VOC_CLASSES
 from crfasrnn.cli import main
+from crfasrnn.distributed import shard
 from crfasrnn.image import overlay_labels, read_photo, voc_palette
-from crfasrnn.segment import class_shares, expand_inputs, output_names, segment_image, shard
+from crfasrnn.inputs import expand_inputs, output_names
+from crfasrnn.segment import class_shares, segment_image
 from crfasrnn.transforms import pad_to, postprocess, prepare, preprocess, resize_longest_side
 from crfasrnn.weights import file_sha256, save_weights
-
 
 # ------------------------------------------------------------------------------------------------ transforms
 
@@ -116,7 +117,7 @@ def test_expand_inputs_and_shard(tmp_path):
         expand_inputs([str(tmp_path / "*.gif")])
     items = list(range(11))
     parts = [shard(items, r, 4) for r in range(4)]
-    assert sorted(sum(parts, [])) == items and max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert sorted(item for part in parts for item in part) == items and max(map(len, parts)) - min(map(len, parts)) <= 1
     assert output_names([tmp_path / "x.jpg", tmp_path / "sub" / "x.jpg", tmp_path / "x_2.png"]) == ["x", "x_3", "x_2"]
 
 
@@ -138,7 +139,7 @@ def test_read_photo_modes(tmp_path):
     gray = rgb[:, :, 0]
     Image.fromarray(gray, "L").save(tmp_path / "gray.png")
     assert np.array_equal(read_photo(tmp_path / "gray.png"), np.repeat(gray[:, :, None], 3, axis=2))
-    Image.fromarray((gray.astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
     with pytest.raises(ValueError, match="not an 8-bit image"):
         read_photo(tmp_path / "deep.png")
@@ -200,7 +201,7 @@ def test_segment_writes_label_maps_and_overlays(tmp_path, capsys, monkeypatch, w
         labels = np.asarray(label_png)
         # the printed shares are those of the written label map
         line = next(ln for ln in out.splitlines() if f"{name}." in ln)
-        for label, cls, share in class_shares(labels, VOC_CLASSES):
+        for _label, cls, share in class_shares(labels, VOC_CLASSES):
             assert f"{cls} {100 * share:.1f}%" in line
         overlay = Image.open(out_dir / f"{name}_overlay.png")
         assert overlay.size[0] == size[0] and overlay.size[1] > size[1]
@@ -219,8 +220,9 @@ def test_segment_grayscale_and_rgba_like_their_rgb(tmp_path, capsys, weights_fil
     Image.fromarray(rgb[:, :, 1], "L").save(tmp_path / "gray.png")
     Image.fromarray(np.repeat(rgb[:, :, 1:2], 3, 2)).save(tmp_path / "gray3.png")
     out_dir = tmp_path / "out"
-    rc, out, err = _run(["segment", str(tmp_path / "*.png"), "-w", str(weights_file), "-o", str(out_dir), *FAST],
-                        capsys)
+    rc, _out, err = _run(
+        ["segment", str(tmp_path / "*.png"), "-w", str(weights_file), "-o", str(out_dir), *FAST], capsys
+    )
     assert rc == 0, err
     read = lambda n: np.asarray(Image.open(out_dir / f"{n}.png"))  # noqa: E731
     assert np.array_equal(read("rgba"), read("rgb"))
@@ -230,13 +232,23 @@ def test_segment_grayscale_and_rgba_like_their_rgb(tmp_path, capsys, weights_fil
 def test_segment_bad_images_are_reported_and_skipped(tmp_path, capsys, weights_file):
     good = _photo(4)
     Image.fromarray(good).save(tmp_path / "good.png")
-    Image.fromarray((good[:, :, 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.fromarray(good[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
     data = (tmp_path / "good.png").read_bytes()
     (tmp_path / "corrupt.png").write_bytes(data[: len(data) // 2])
     out_dir = tmp_path / "out"
-    args = ["segment", str(tmp_path / "deep.png"), str(tmp_path / "corrupt.png"), str(tmp_path / "missing.jpg"),
-            str(tmp_path / "good.png"), "-w", str(weights_file), "-o", str(out_dir), *FAST]
-    rc, out, err = _run(args, capsys)
+    args = [
+        "segment",
+        str(tmp_path / "deep.png"),
+        str(tmp_path / "corrupt.png"),
+        str(tmp_path / "missing.jpg"),
+        str(tmp_path / "good.png"),
+        "-w",
+        str(weights_file),
+        "-o",
+        str(out_dir),
+        *FAST,
+    ]
+    rc, _out, err = _run(args, capsys)
     assert rc == 1
     lines = err.strip().splitlines()
     assert len(lines) == 4 and all(ln.startswith("crfasrnn segment: error: ") for ln in lines)
@@ -251,8 +263,9 @@ def test_segment_unwritable_output(tmp_path, capsys, weights_file, monkeypatch):
     Image.fromarray(_photo()).save(tmp_path / "a.png")
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
-    rc, out, err = _run(["segment", str(tmp_path / "a.png"), "-w", str(weights_file), "-o", str(blocker / "out"),
-                         *FAST], capsys)
+    rc, _out, err = _run(
+        ["segment", str(tmp_path / "a.png"), "-w", str(weights_file), "-o", str(blocker / "out"), *FAST], capsys
+    )
     assert rc == 1 and err.startswith("crfasrnn segment: error: output folder") and "not writable" in err
     assert err.count("\n") == 1
     # a folder that refuses the write half-way (e.g. permissions, disk full): no partial or temporary file is left
@@ -263,8 +276,9 @@ def test_segment_unwritable_output(tmp_path, capsys, weights_file, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "replace", refuse)
-    rc, out, err = _run(["segment", str(tmp_path / "a.png"), "-w", str(weights_file), "-o", str(out_dir),
-                         "--overlay", *FAST], capsys)
+    rc, _out, err = _run(
+        ["segment", str(tmp_path / "a.png"), "-w", str(weights_file), "-o", str(out_dir), "--overlay", *FAST], capsys
+    )
     assert rc == 1 and "Permission denied" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []
 
@@ -277,7 +291,7 @@ def test_segment_under_torchrun_takes_a_share(tmp_path, capsys, weights_file, mo
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         out_dir = tmp_path / f"out{rank}"
-        rc, out, err = _run(["segment", str(tmp_path), "-w", str(weights_file), "-o", str(out_dir), *FAST], capsys)
+        rc, _out, err = _run(["segment", str(tmp_path), "-w", str(weights_file), "-o", str(out_dir), *FAST], capsys)
         assert rc == 0, err
         written.append(sorted(p.name for p in out_dir.iterdir()))
     assert written == [["p0.png", "p2.png", "p4.png"], ["p1.png", "p3.png"]]

@@ -9,9 +9,10 @@ import pytest
 import torch
 from synthetic_weights import random_state_dict, write_caffemodel, write_port_pth
 
-from crfasrnn import CrfRnnNet, FCN8s, VOC_CLASSES
+from crfasrnn import VOC_CLASSES, CrfRnnNet, FCN8s
 from crfasrnn.weights import (
     PAPER,
+    VGG16_TORCHVISION_KEYS,
     WeightsError,
     caffe_messages,
     convert_weights,
@@ -74,8 +75,12 @@ def test_every_format_gives_identical_logits(tmp_path, weights, image):
         net = _net()
         info = load_weights(net, path)
         assert info.format == fmt.replace("-plain", "")
-        assert detect_format(path) == {"caffe-v1": "caffe", "caffe-v2": "caffe", "port-pth": "torch",
-                                       "torch-plain": "torch"}.get(fmt, fmt)
+        assert detect_format(path) == {
+            "caffe-v1": "caffe",
+            "caffe-v2": "caffe",
+            "port-pth": "torch",
+            "torch-plain": "torch",
+        }.get(fmt, fmt)
         for key, value in weights.items():
             assert torch.equal(net.state_dict()[key], value), (fmt, key)
         assert torch.equal(_logits(net, image), expected), fmt
@@ -92,7 +97,7 @@ def test_port_compatibility_sign_is_flipped(tmp_path, weights):
     assert torch.equal(state_dict["crf.compatibility"], -port["crfrnn.compatibility_matrix"])
     assert torch.equal(state_dict["crf.spatial_weights"], port["crfrnn.spatial_ker_weights"])
     # The contract: the port's file through plain load_state_dict fails loudly instead of loading the wrong sign.
-    with pytest.raises(RuntimeError, match="crfrnn.compatibility_matrix"):
+    with pytest.raises(RuntimeError, match=r"crfrnn\.compatibility_matrix"):
         _net().load_state_dict(port)
 
 
@@ -103,8 +108,9 @@ def test_caffe_reader_gives_caffe_shapes_and_versions(tmp_path, weights):
     assert blobs["inference1"][2].shape == (1, 1, 21, 21)
     assert np.array_equal(blobs["inference1"][2][0, 0], weights["crf.compatibility"].numpy())  # Caffe sign = ours
     assert "crop" not in blobs and "relu1_1" not in blobs  # layers without weights
-    blobs, version = read_caffemodel(write_caffemodel(tmp_path / "b.caffemodel", weights, v1=False,
-                                                      legacy_shapes=False))
+    blobs, version = read_caffemodel(
+        write_caffemodel(tmp_path / "b.caffemodel", weights, v1=False, legacy_shapes=False)
+    )
     assert version == "caffe-v2" and blobs["conv1_1"][1].shape == (4,)
 
 
@@ -112,7 +118,7 @@ def test_caffe_unpacked_and_double_arrays(tmp_path, weights):
     """Files whose float arrays are not packed, or stored as double_data, read the same."""
     from google.protobuf import descriptor_pool, message_factory
 
-    from crfasrnn.weights import _caffe_file_descriptor
+    from crfasrnn.weights.caffe import _caffe_file_descriptor
 
     fd = _caffe_file_descriptor(raw=False)
     for message in fd.message_type:
@@ -121,8 +127,7 @@ def test_caffe_unpacked_and_double_arrays(tmp_path, weights):
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fd)
     net_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("crfasrnn_caffe.NetParameter"))
-    packed = caffe_messages().NetParameter.FromString(
-        write_caffemodel(tmp_path / "p.caffemodel", weights).read_bytes())
+    packed = caffe_messages().NetParameter.FromString(write_caffemodel(tmp_path / "p.caffemodel", weights).read_bytes())
     unpacked = net_cls.FromString(packed.SerializeToString())
     # the doubles: move one layer's values to double_data
     layer = next(lay for lay in unpacked.layers if lay.name == "fc7")
@@ -187,13 +192,67 @@ def test_load_model_builds_the_described_network(tmp_path, weights, image):
 def test_fcn_only_model_with_strict_false(tmp_path, weights, image):
     path = write_port_pth(tmp_path / "port.pth", weights)
     fcn = FCN8s(21, width=WIDTH).eval()
-    with pytest.raises(WeightsError, match="unexpected tensors: crf.spatial_weights"):
+    with pytest.raises(WeightsError, match=r"unexpected tensors: crf\.spatial_weights"):
         load_weights(fcn, path)
     info = load_weights(fcn, path, strict=False)
     assert set(info.unexpected_keys) == {"crf.spatial_weights", "crf.bilateral_weights", "crf.compatibility"}
     reference = _net()
     reference.load_state_dict(weights)
     assert torch.equal(_logits(fcn, image), reference.forward_fcn(image).detach())
+
+
+def _randomised(net: torch.nn.Module) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return net.eval()
+
+
+def test_load_model_reads_training_checkpoints_and_builds_the_network_they_hold(tmp_path, image):
+    """A `crfasrnn train` checkpoint: CrfRnnNet with a CRF, FCN8s without; the width its options record."""
+    crf = _randomised(CrfRnnNet(4, num_iterations=2, width=WIDTH))
+    names = ["bg", "a", "b", "c"]
+    torch.save({"model": crf.state_dict(), "args": {"width": WIDTH}, "class_names": names}, tmp_path / "crf.pt")
+    model, info = load_model(tmp_path / "crf.pt", num_iterations=2)
+    assert type(model) is CrfRnnNet and info.format == "checkpoint" and info.classes == tuple(names)
+    assert torch.equal(_logits(model, image), _logits(crf, image))
+    # stage fcn: only FCN-8s tensors; a width whose conv1_1 channels / 64 would build other fc6/fc7 sizes
+    fcn = _randomised(FCN8s(3, width=0.1))
+    assert fcn.conv1_1.weight.shape[0] / 64 != 0.1 and FCN8s(3, width=6 / 64).fc6.weight.shape != fcn.fc6.weight.shape
+    torch.save({"model": fcn.state_dict(), "args": {"width": 0.1, "stage": "fcn"}}, tmp_path / "fcn.pt")
+    model, info = load_model(tmp_path / "fcn.pt")
+    assert type(model) is FCN8s and model.width == 0.1 and info.metadata["architecture"] == "FCN8s"
+    assert torch.equal(_logits(model, image), _logits(fcn, image))
+    # without the recorded width, conv1_1's channels give another network, and the error names the tensor
+    torch.save({"model": fcn.state_dict(), "args": {}}, tmp_path / "fcn-no-width.pt")
+    with pytest.raises(WeightsError, match=r"tensor 'conv2_1.weight' has shape \(13, 6, 3, 3\) but the model expects"):
+        load_model(tmp_path / "fcn-no-width.pt")
+
+
+def test_fcn_weights_in_our_format_build_an_fcn(tmp_path, image):
+    fcn = _randomised(FCN8s(21, width=WIDTH))
+    save_weights(fcn, tmp_path / "fcn.safetensors")
+    model, info = load_model(tmp_path / "fcn.safetensors")
+    assert type(model) is FCN8s and info.metadata["architecture"] == "FCN8s" and "paper" not in info.metadata
+    assert torch.equal(_logits(model, image), _logits(fcn, image))
+    converted = convert_weights(tmp_path / "fcn.safetensors", tmp_path / "fcn2.pt")
+    assert converted.num_classes == 21 and type(load_model(tmp_path / "fcn2.pt")[0]) is FCN8s
+
+
+def test_torchvision_vgg16_is_a_backbone_not_a_model(tmp_path):
+    fcn = FCN8s(3, width=WIDTH).state_dict()
+    vgg = {}
+    for src, dst in VGG16_TORCHVISION_KEYS.items():
+        vgg[f"{src}.weight"] = fcn[f"{dst}.weight"].flatten(1) if src.startswith("classifier") else fcn[f"{dst}.weight"]
+        vgg[f"{src}.bias"] = fcn[f"{dst}.bias"]
+    vgg["classifier.6.weight"], vgg["classifier.6.bias"] = torch.zeros(1000, 256), torch.zeros(1000)
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    with pytest.raises(WeightsError, match=r"'score_fr.weight' is missing; .*torchvision VGG-16 backbone"):
+        load_model(tmp_path / "vgg16.pth")
+    state_dict, info = read_weights(tmp_path / "vgg16.pth", allow_backbone=True)
+    assert info.format == "torchvision-vgg16" and info.num_classes == 0 and info.metadata["width"] == WIDTH
+    assert all(torch.equal(state_dict[k], v) for k, v in fcn.items() if k.split(".")[0] in ("conv1_1", "fc6", "fc7"))
 
 
 # ------------------------------------------------------------------------------------------------ bad files
@@ -243,10 +302,16 @@ def test_wrong_class_count(tmp_path):
 
 def test_missing_and_unexpected_caffe_layers(tmp_path, weights):
     net = _net()
-    _expect_error(net, write_caffemodel(tmp_path / "m.caffemodel", weights, skip_layer="score-pool3"),
-                  "Caffe layer 'score-pool3' is missing .*score_pool3.weight")
-    _expect_error(net, write_caffemodel(tmp_path / "u.caffemodel", weights, extra_layer="conv6_1"),
-                  "unexpected Caffe layers with weights: conv6_1")
+    _expect_error(
+        net,
+        write_caffemodel(tmp_path / "m.caffemodel", weights, skip_layer="score-pool3"),
+        "Caffe layer 'score-pool3' is missing .*score_pool3.weight",
+    )
+    _expect_error(
+        net,
+        write_caffemodel(tmp_path / "u.caffemodel", weights, extra_layer="conv6_1"),
+        "unexpected Caffe layers with weights: conv6_1",
+    )
 
 
 def test_blob_count_and_value_count_errors(tmp_path, weights):
@@ -267,8 +332,12 @@ def test_blob_count_and_value_count_errors(tmp_path, weights):
 
 def test_wrong_width_names_the_tensor(tmp_path, weights):
     path = write_caffemodel(tmp_path / "a.caffemodel", weights)
-    _expect_error(_net(width=1 / 32), path, r"tensor 'conv1_1.weight' has shape \(4, 3, 3, 3\) but the model "
-                                            r"expects \(2, 3, 3, 3\)")
+    _expect_error(
+        _net(width=1 / 32),
+        path,
+        r"tensor 'conv1_1.weight' has shape \(4, 3, 3, 3\) but the model "
+        r"expects \(2, 3, 3, 3\)",
+    )
 
 
 def test_state_dict_errors_leave_the_model_unchanged(tmp_path, weights):

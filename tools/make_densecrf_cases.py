@@ -12,7 +12,7 @@ only the results are stored:
   made with ``utils.create_pairwise_gaussian`` and ``utils.create_pairwise_bilateral`` (the 4-D features of 3-D CRFs);
 * ``odd_img_q{T}`` and ``odd_vol_q{T}``: a 15 × 21 image and a 5 × 7 × 9 volume (point counts not multiples of 4, dark
   near the origin of the features), where pydensecrf's SSE lattice adds the vertices of the zero vectors it pads the
-  points with (SPEC §3.4; the drop-in reproduces them);
+  points with (docs/reference.md §3.4; the drop-in reproduces them);
 * ``utils_*``: the helpers' outputs (see ``inputs`` below).
 """
 
@@ -58,8 +58,9 @@ def odd_inputs():
     image_unary = np.ascontiguousarray(rs.uniform(0.1, 3.0, size=(LABELS, int(np.prod(ODD_IMAGE)))).astype(np.float32))
     volume = (rs.rand(*ODD_VOLUME) * 100).astype(np.float32)
     volume[:2, :2, :2] = rs.rand(2, 2, 2) * 5
-    volume_unary = np.ascontiguousarray(rs.uniform(0.1, 3.0, size=(LABELS, int(np.prod(ODD_VOLUME)))).astype(
-        np.float32))
+    volume_unary = np.ascontiguousarray(
+        rs.uniform(0.1, 3.0, size=(LABELS, int(np.prod(ODD_VOLUME)))).astype(np.float32)
+    )
     return image, image_unary, volume, volume_unary
 
 
@@ -111,8 +112,9 @@ def main() -> int:
             d = dcrf.DenseCRF2D(w, h, LABELS)
             d.setUnaryEnergy(image_unary)
             d.addPairwiseGaussian(sxy=(3, 2), compat=3 * weight(norm), kernel=kernel, normalization=code)
-            d.addPairwiseBilateral(sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=scaled, kernel=kernel,
-                                   normalization=code)
+            d.addPairwiseBilateral(
+                sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=scaled, kernel=kernel, normalization=code
+            )
             run(d, out, f"img_{norm}_{form}")
             d = dcrf.DenseCRF(int(np.prod(VOLUME)), LABELS)
             d.setUnaryEnergy(volume_unary)

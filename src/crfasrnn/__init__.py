@@ -3,9 +3,10 @@
 from .crf import CrfRnn, crf_rnn, set_finite_check
 from .engine import DenseCRF, GaussianKernel, dense_crf
 from .lattice import PermutohedralLattice, permutohedral_filter
-from .models import FCN8s, CrfRnnNet
+from .models import CrfRnnNet, FCN8s
 from .refine import refine
 from .transforms import VOC_CLASSES, VOC_MEAN_RGB, postprocess, prepare, preprocess
+from .weights import WeightsError, WeightsInfo, convert_weights, load_model, load_weights, read_weights, save_weights
 
 __all__ = [
     "CrfRnn",
@@ -24,5 +25,12 @@ __all__ = [
     "preprocess",
     "prepare",
     "postprocess",
+    "load_model",
+    "load_weights",
+    "read_weights",
+    "save_weights",
+    "convert_weights",
+    "WeightsInfo",
+    "WeightsError",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 ``crfasrnn::mean_field`` runs T iterations ``p_t = softmax(q_{t-1})``, ``q_t = u − Σ_k (n_k ⊙ K_k p_t) A_k`` from
 ``q_0 = u`` over (B, N, C) scores in point layout, for any number of kernels k: each a built lattice (its tensors, see
-:mod:`crfasrnn.lattice._ops`; the lattices are passed as one flat list, :data:`~crfasrnn.lattice._ops.FIELDS` tensors
+:mod:`crfasrnn.lattice`; the lattices are passed as one flat list, :data:`~crfasrnn.lattice.FIELDS` tensors
 each) and a (C, C) mixing matrix ``A_k`` (for CRF-RNN, ``A = (M W)ᵀ`` with compatibility M and kernel weights W). Where
 gradients are wanted it also returns every iteration's probabilities — what its backward operator,
 ``crfasrnn::mean_field_backward``, needs and all it needs: the two are joined with ``register_autograd``, and both
@@ -17,17 +17,14 @@ The operators compute in the dtype they are given (float32 or float64); :func:`c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._library import operator
-from .lattice import PermutohedralLattice, filter_each, filter_sum, values_buffer
-from .lattice._ops import FIELDS, mode_scales
+from .lattice import FIELDS, PermutohedralLattice, filter_each, filter_sum, mode_scales, softmax_rows, values_buffer
 
 try:  # numba is optional: torch operations are used without it
     from . import _crf_numba
-    from .lattice import _numba as _numba_lattice
 except ImportError:  # pragma: no cover - exercised only where numba is absent
-    _crf_numba = _numba_lattice = None
+    _crf_numba = None  # type: ignore[assignment]
 
 __all__ = ["mean_field", "mean_field_backward", "softmax"]
 
@@ -35,16 +32,26 @@ __all__ = ["mean_field", "mean_field_backward", "softmax"]
 def _lattices(tensors, mixing, num_points) -> list[PermutohedralLattice]:
     size = len(FIELDS)
     if len(tensors) != size * len(mixing) or not mixing:
-        raise ValueError(f"mean field needs {size} lattice tensors per mixing matrix and at least one kernel, got "
-                         f"{len(tensors)} tensors and {len(mixing)} matrices")
-    return [PermutohedralLattice.from_tensors(tensors[k * size:(k + 1) * size], num_points) for k in range(len(mixing))]
+        raise ValueError(
+            f"mean field needs {size} lattice tensors per mixing matrix and at least one kernel, got "
+            f"{len(tensors)} tensors and {len(mixing)} matrices"
+        )
+    return [
+        PermutohedralLattice.from_tensors(tensors[k * size : (k + 1) * size], num_points) for k in range(len(mixing))
+    ]
 
 
-@operator("mean_field(Tensor unary, Tensor[] lattices, Tensor[] mixing, int[] normalizations, int num_iterations, "
-          "bool save_probs) -> (Tensor, Tensor)")
+@operator(
+    "mean_field(Tensor unary, Tensor[] lattices, Tensor[] mixing, int[] normalizations, int num_iterations, "
+    "bool save_probs) -> (Tensor, Tensor)"
+)
 def mean_field(
-    unary: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor], normalizations: list[int],
-    num_iterations: int, save_probs: bool,
+    unary: torch.Tensor,
+    lattices: list[torch.Tensor],
+    mixing: list[torch.Tensor],
+    normalizations: list[int],
+    num_iterations: int,
+    save_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean field over (B, N, C) unary scores; returns the scores q_T (B, N, C) and, where ``save_probs``, every
     iteration's probabilities (T, B·N, C) (else an empty tensor)."""
@@ -69,23 +76,33 @@ def _(unary, lattices, mixing, normalizations, num_iterations, save_probs):
     return torch.empty_like(unary, memory_format=torch.contiguous_format), probs
 
 
-@operator("mean_field_backward(Tensor grad, Tensor probs, Tensor[] lattices, Tensor[] mixing, int[] normalizations, "
-          "bool need_unary, bool[] need_mixing) -> (Tensor, Tensor[])")
+@operator(
+    "mean_field_backward(Tensor grad, Tensor probs, Tensor[] lattices, Tensor[] mixing, int[] normalizations, "
+    "bool need_unary, bool[] need_mixing) -> (Tensor, Tensor[])"
+)
 def mean_field_backward(
-    grad: torch.Tensor, probs: torch.Tensor, lattices: list[torch.Tensor], mixing: list[torch.Tensor],
-    normalizations: list[int], need_unary: bool, need_mixing: list[bool],
+    grad: torch.Tensor,
+    probs: torch.Tensor,
+    lattices: list[torch.Tensor],
+    mixing: list[torch.Tensor],
+    normalizations: list[int],
+    need_unary: bool,
+    need_mixing: list[bool],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The gradients of :func:`mean_field`'s scores with respect to the unary (B, N, C) and each (C, C) mixing matrix;
     those not needed are empty tensors."""
     if probs.numel() == 0:
-        raise RuntimeError("crfasrnn::mean_field_backward needs the probabilities of a forward run with save_probs=True")
+        raise RuntimeError(
+            "crfasrnn::mean_field_backward needs the probabilities of a forward run with save_probs=True"
+        )
     batch, n, c = grad.shape
     kernels = _lattices(lattices, mixing, n)
     modes = _modes(normalizations, mixing)
-    grad_u, grads = _backward(grad.reshape(batch * n, c), probs, mixing, kernels, modes, batch, need_unary,
-                              need_mixing)
-    return (grad.new_empty(0) if grad_u is None else grad_u.view(batch, n, c),
-            [grad.new_empty(0) if g is None else g for g in grads])
+    grad_u, grads = _backward(grad.reshape(batch * n, c), probs, mixing, kernels, modes, batch, need_unary, need_mixing)
+    return (
+        grad.new_empty(0) if grad_u is None else grad_u.view(batch, n, c),
+        [grad.new_empty(0) if g is None else g for g in grads],
+    )
 
 
 @torch.library.register_fake("crfasrnn::mean_field_backward")
@@ -115,28 +132,39 @@ def _autograd_backward(ctx, grad_q, grad_probs):
     need_mixing = [bool(x) for x in need_mixing]
     if grad_q is None:  # no gradient reached the scores (grads are not materialised): none flows back
         return None, [None] * len(lattices), [None] * k, None, None, None
-    grad_u, grads = torch.ops.crfasrnn.mean_field_backward(grad_q.contiguous(), probs, lattices, mixing,
-                                                           ctx.normalizations, bool(need_u), need_mixing)
-    return (grad_u if need_u else None, [None] * len(lattices), [g if need else None for g, need in
-                                                                 zip(grads, need_mixing)], None, None, None)
+    grad_u, grads = torch.ops.crfasrnn.mean_field_backward(
+        grad_q.contiguous(), probs, lattices, mixing, ctx.normalizations, bool(need_u), need_mixing
+    )
+    return (
+        grad_u if need_u else None,
+        [None] * len(lattices),
+        [g if need else None for g, need in zip(grads, need_mixing)],
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("crfasrnn::mean_field", _autograd_backward, setup_context=_setup)
 
 
 def _no_second_derivative(ctx, *grads):
-    raise RuntimeError("the CRF's backward is first-order only: second derivatives (create_graph=True, then backward "
-                       "again) are not supported")
+    raise RuntimeError(
+        "the CRF's backward is first-order only: second derivatives (create_graph=True, then backward "
+        "again) are not supported"
+    )
 
 
-torch.library.register_autograd("crfasrnn::mean_field_backward", _no_second_derivative,
-                                setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd(
+    "crfasrnn::mean_field_backward", _no_second_derivative, setup_context=lambda ctx, inputs, output: None
+)
 
 
 def _modes(normalizations, mixing) -> list[int]:
     if len(normalizations) != len(mixing):
-        raise ValueError(f"mean field needs one normalisation mode per kernel, got {len(normalizations)} for "
-                         f"{len(mixing)} kernels")
+        raise ValueError(
+            f"mean field needs one normalisation mode per kernel, got {len(normalizations)} for {len(mixing)} kernels"
+        )
     for mode in normalizations:
         mode_scales(mode)  # validates
     return [int(m) for m in normalizations]
@@ -152,11 +180,10 @@ def _forward_saving(u, factors, kernels, modes, batch, num_iterations):
     one large mapping that goes back to the system when freed, instead of a heap fragmented by tensor-sized blocks."""
     probs = torch.empty((num_iterations, *u.shape), dtype=u.dtype, device=u.device)
     q = torch.empty_like(u)
-    _softmax_into(u, probs[0])
+    softmax_rows(u, probs[0])
     for t in range(num_iterations):  # each pass also writes the next iteration's probabilities
         last = t == num_iterations - 1
-        _filter_and_update(probs[t], u, factors, kernels, modes, batch, q=q,
-                           softmax_out=None if last else probs[t + 1])
+        _filter_and_update(probs[t], u, factors, kernels, modes, batch, q=q, softmax_out=None if last else probs[t + 1])
     return q, probs
 
 
@@ -171,7 +198,9 @@ def _backward(grad, probs, mixing, kernels, modes, batch, need_u, need_mixing):
     g = values_buffer(batch, grad.shape[0] // batch, c, like=grad).view(-1, c)  # read by the filters
     g.copy_(grad)
     r = [grad.new_empty(grad.shape) for _ in kernels]  # r_k (contiguous)
-    grads_a = [a.new_zeros((c, c)) if need else None for a, need in zip(mixing, need_mixing)]  # pᵀ r, negated at the end
+    grads_a = [
+        a.new_zeros((c, c)) if need else None for a, need in zip(mixing, need_mixing)
+    ]  # pᵀ r, negated at the end
     diagonal = all(_is_diagonal(a) for a in mixing)
     if diagonal:  # ∂L/∂p = Σ_k r_k ⊙ f_k
         factors, neg_a_t = -torch.stack([a.diagonal() for a in mixing]), None
@@ -203,7 +232,7 @@ def _mean_field_inference(u, kernels, factors, modes, num_iterations: int, batch
     """
     q = torch.empty_like(u)
     p = values_buffer(1, u.shape[0], u.shape[1], like=u)[0]  # rows padded where the filter reads them faster
-    _softmax_into(u, p)
+    softmax_rows(u, p)
     for t in range(num_iterations):
         last = t == num_iterations - 1
         _filter_and_update(p, u, factors, kernels, modes, batch, q=q, softmax_out=None if last else p)
@@ -219,8 +248,16 @@ def _filter_and_update(p, u, factors, kernels, modes, batch, *, q, softmax_out=N
     """
     points = p.view(batch, -1, p.shape[1])
     soft = None if softmax_out is None else softmax_out.view(points.shape)
-    filter_sum(points, kernels, [-f for f in factors], base=u.view(points.shape), out=q.view(points.shape),
-               softmax_out=soft, keep_sum=soft is None, modes=modes)
+    filter_sum(
+        points,
+        kernels,
+        [-f for f in factors],
+        base=u.view(points.shape),
+        out=q.view(points.shape),
+        softmax_out=soft,
+        keep_sum=soft is None,
+        modes=modes,
+    )
     return q
 
 
@@ -229,27 +266,8 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
     :func:`_softmax_into` for the fast path)."""
     flat = scores.reshape(-1, scores.shape[-1])
     out = torch.empty(flat.shape, dtype=scores.dtype, device=scores.device)
-    _softmax_into(flat, out)
+    softmax_rows(flat, out)
     return out.view(scores.shape)
-
-
-def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = softmax(logits, dim=1)``, without allocating where ``out`` is contiguous (it may have padded rows).
-
-    On the CPU in float32 with numba, one compiled pass (torch's softmax over a few channels is slow: 55 ms for 2.1 M
-    points of 2 classes); otherwise torch's.
-    """
-    if (_numba_lattice is not None and logits.device.type == "cpu" and logits.dtype == out.dtype == torch.float32
-            and logits.stride(1) == 1 and out.stride(1) == 1):
-        _numba_lattice.softmax_rows(logits, out)
-        return
-    if not out.is_contiguous():  # the out= overload below would write it as if it were contiguous
-        out.copy_(torch.softmax(logits, dim=1))  # faster than torch.softmax(..., out=out) into padded rows
-        return
-    try:
-        torch.ops.aten._softmax.out(logits, 1, False, out=out)
-    except (AttributeError, RuntimeError):  # pragma: no cover - an ATen without the out= overload
-        out.copy_(F.softmax(logits, dim=1))
 
 
 def _softmax_backward_into(p, g_out, grad_u, *, grad_p=None, r=None, factors=None) -> None:

@@ -64,14 +64,14 @@ def _preload_tbb() -> bool:
 def _configure() -> None:
     _preload_tbb()  # also where the user asks for TBB themselves
     if "NUMBA_THREADING_LAYER" not in os.environ:  # the user's explicit choice wins
-        numba.config.THREADING_LAYER = "forksafe"  # TBB if it loads, else workqueue (never GNU OpenMP)
+        # TBB if it loads, else workqueue (never GNU OpenMP); numba.config sets its options through globals(), so
+        # its annotations do not declare them
+        numba.config.THREADING_LAYER = "forksafe"  # type: ignore[attr-defined]
 
 
 def _after_fork_in_child() -> None:
-    try:
+    with contextlib.suppress(RuntimeError):  # torch refuses while a parallel region is active
         torch.set_num_threads(1)
-    except RuntimeError:  # pragma: no cover - torch refuses while a parallel region is active
-        pass
 
 
 _configure()
@@ -90,7 +90,8 @@ def threading_layer() -> str | None:
 @contextlib.contextmanager
 def parallel() -> Iterator[None]:
     """Run numba kernels with ``torch.get_num_threads()`` threads; serialised where the layer is not thread-safe."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    # numba.config sets its options through globals(), so its annotations do not declare them
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     previous = numba.get_num_threads()  # the first call starts numba's threads, which fixes the layer
     lock = _LOCK if threading_layer() not in ("tbb", "omp") else contextlib.nullcontext()
     with lock:

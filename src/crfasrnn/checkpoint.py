@@ -82,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     except Exception as exc:  # torch raises assorted errors for damaged files
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")
+        raise ValueError(f"{path} is not a training checkpoint (holds a {type(state).__name__})")  # noqa: TRY004 (what a file holds: a bad file, not a bad argument)
     return state
 
 

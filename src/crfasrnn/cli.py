@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import math
 import os
@@ -11,8 +10,6 @@ import sys
 from pathlib import Path
 
 __all__ = ["main"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,13 +24,18 @@ def _demo(args: argparse.Namespace) -> int:
         f"({share:.1f} %) and labelled the {result.unknown_pixels} unknown pixels, in {result.seconds:.2f} s"
     )
     if result.warmup_seconds > 1.0:
-        print(f"(before that, {result.warmup_seconds:.1f} s went into compiling the CPU kernels: a one-time cost, they "
-              "are cached on disk for later runs)")
+        print(
+            f"(before that, {result.warmup_seconds:.1f} s went into compiling the CPU kernels: a one-time cost, they "
+            "are cached on disk for later runs)"
+        )
     return 0
 
 
 def _read_toml(path: str) -> dict:
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, from PyPI
+        import tomli as tomllib
 
     try:
         with open(path, "rb") as f:
@@ -68,13 +70,14 @@ def _progress(**kwargs):
 
 
 def _train(args: argparse.Namespace) -> int:
-    import os
 
     from .train import train
 
     config = _train_config(args)
     result = train(config, progress=_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    from .distributed import process_rank
+
+    if process_rank()[0] == 0:
         print(f"trained {result.steps} steps ({result.epochs} epochs); final loss {result.final_loss:.4f}")
         for head, metrics in result.val.items():
             print(f"validation mIoU ({'CRF-RNN' if head == 'crf' else 'FCN'}): {100 * metrics.mean_iou:.2f} %")
@@ -101,15 +104,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.weights:
         import torch
 
-        from .initialise import model_from_file
+        from .weights import load_model
 
-        model, _ = model_from_file(args.weights, num_iterations=args.num_iterations)
+        model, _ = load_model(args.weights, num_iterations=args.num_iterations)
         if args.num_classes is not None and args.num_classes != model.num_classes:
             raise ValueError(f"--num-classes {args.num_classes} but {args.weights} has {model.num_classes} classes")
         num_classes = model.num_classes
     else:
         num_classes = args.num_classes
-    dataset = open_dataset(args.data, args.split, num_classes=num_classes, class_names=class_names, transform=EvalTransform())
+    dataset = open_dataset(
+        args.data, args.split, num_classes=num_classes, class_names=class_names, transform=EvalTransform()
+    )
 
     def bar(items):
         return tqdm(items, desc=f"evaluate {args.split}", unit="img", dynamic_ncols=True)
@@ -160,7 +165,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--config", help="TOML file of options (same names as the flags; flags given here win)")
     p.add_argument("--data", help="dataset folder (PASCAL VOC layout or SPLIT/images + SPLIT/masks)")
     p.add_argument("--out", help="output folder: checkpoint last.pt, metrics.jsonl, curves.png")
-    p.add_argument("--stage", choices=STAGES, help="fcn: FCN-8s alone; crf: CRF only (backbone frozen); joint: end to end")
+    p.add_argument(
+        "--stage", choices=STAGES, help="fcn: FCN-8s alone; crf: CRF only (backbone frozen); joint: end to end"
+    )
     p.add_argument("--epochs", type=int, help="epochs (default 10)")
     p.add_argument("--batch-size", type=int, help="images per process and step (default 4)")
     p.add_argument("--lr", type=float, help="base learning rate (default 1e-3 for stage fcn, 1e-5 for crf / joint)")
@@ -182,7 +189,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data-loading worker processes (default 2)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--width", type=float, help="channel scale of the network, e.g. 0.0625 for a small model (default 1)")
+    p.add_argument(
+        "--width", type=float, help="channel scale of the network, e.g. 0.0625 for a small model (default 1)"
+    )
     p.add_argument("--num-classes", type=int, help="number of classes (default: from classes.txt, else 21)")
     p.add_argument("--classes", help="file of class names, one per line")
     p.add_argument("--train-split", help="training split (default train; e.g. train_aug for SBD)")
@@ -234,13 +243,15 @@ def _convert(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .segment import check_writable_folder, distributed_rank, expand_inputs, output_names, segment_file, shard
+    from .distributed import process_rank, shard
+    from .inputs import expand_inputs, output_names
+    from .segment import check_writable_folder, segment_file
     from .weights import WEIGHTS_HELP, load_model
 
     weights = args.weights or os.environ.get("CRFASRNN_WEIGHTS")
     if not weights:
         raise ValueError(f"no weights given: {WEIGHTS_HELP}")
-    rank, world = distributed_rank()
+    rank, world = process_rank()
     paths = expand_inputs(args.images)
     names = output_names(paths)
     mine = shard(list(zip(paths, names)), rank, world)
@@ -256,8 +267,14 @@ def _segment(args: argparse.Namespace) -> int:
     for path, name in bar:
         try:
             result = segment_file(
-                model, path, out_dir, class_names=classes, name=name, overlay=args.overlay,
-                max_size=args.max_size, upscale=args.upscale,
+                model,
+                path,
+                out_dir,
+                class_names=classes,
+                name=name,
+                overlay=args.overlay,
+                max_size=args.max_size,
+                upscale=args.upscale,
             )
         except (ValueError, FileNotFoundError) as exc:  # a bad photo: report it and go on with the others
             failures += 1
@@ -283,49 +300,6 @@ def _unknown(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
-def _is_pattern(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _refine_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
-    """(image, labels-or-probs, output) triples: one for a file, one per image for a folder or a glob pattern."""
-    source = args.labels if args.labels is not None else args.probs
-    suffix = ".png" if args.labels is not None else ".npy"
-    what = "--labels" if args.labels is not None else "--probs"
-    image = args.image
-    if not _is_pattern(image) and not Path(image).is_dir():
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image not found: {image}")
-        if Path(source).is_dir():
-            raise ValueError(f"{what} {source} is a folder but IMAGE is a single file")
-        output = Path(args.output) if args.output else Path(f"{Path(image).stem}_refined.png")
-        if output.is_dir():
-            output = output / f"{Path(image).stem}.png"
-        return [(Path(image), Path(source), output)]
-    if _is_pattern(image):
-        images = sorted(Path(p) for p in glob.glob(image) if Path(p).is_file())
-    else:
-        images = sorted(p for p in Path(image).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"no images match {image}")
-    if not Path(source).is_dir():
-        raise ValueError(f"IMAGE {image} names several images, so {what} must be a folder of <name>{suffix} files")
-    stems = [p.stem for p in images]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise ValueError(f"several images share the name {duplicates[0]!r}: their outputs would collide")
-    out_dir = Path(args.output) if args.output else Path("refined")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {out_dir} is a file, but several images need a folder")
-    jobs = []
-    for path in images:
-        counterpart = Path(source) / f"{path.stem}{suffix}"
-        if not counterpart.is_file():
-            raise FileNotFoundError(f"{what}: no {counterpart} for image {path}")
-        jobs.append((path, counterpart, out_dir / f"{path.stem}.png"))
-    return jobs
-
-
 def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num_iterations: int, several: bool):
     """Read one job's inputs and refine them; returns (photo, annotation or None, coarse labels or None, refined)."""
     from .image import read_annotation, read_image, read_probabilities
@@ -333,16 +307,26 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
 
     photo = read_image(image_path)
     params = {
-        "num_iterations": num_iterations, "theta_alpha": args.theta_alpha, "theta_beta": args.theta_beta,
-        "theta_gamma": args.theta_gamma, "spatial_weight": args.spatial_weight,
-        "bilateral_weight": args.bilateral_weight, "device": args.device,
+        "num_iterations": num_iterations,
+        "theta_alpha": args.theta_alpha,
+        "theta_beta": args.theta_beta,
+        "theta_gamma": args.theta_gamma,
+        "spatial_weight": args.spatial_weight,
+        "bilateral_weight": args.bilateral_weight,
+        "device": args.device,
     }
     try:
         if args.labels is not None:
             annotation = read_annotation(source, labels_as=args.labels_as, unknown_label=args.unknown)
             num_classes = args.num_classes if args.num_classes is not None else annotation.num_classes
-            refined = refine(photo, labels=annotation.labels, num_classes=num_classes, gt_prob=args.gt_prob,
-                             unknown_label=annotation.unknown_label, **params)
+            refined = refine(
+                photo,
+                labels=annotation.labels,
+                num_classes=num_classes,
+                gt_prob=args.gt_prob,
+                unknown_label=annotation.unknown_label,
+                **params,
+            )
             return photo, annotation, annotation.labels, refined
         probs = read_probabilities(source, photo.shape[:2])
         refined = refine(photo, probs=probs, num_classes=args.num_classes, normalize=args.normalize, **params)
@@ -362,11 +346,22 @@ def _refine_volume(args: argparse.Namespace) -> int:
     if args.labels_as != "auto":
         raise ValueError("--labels-as is for PNG label maps: volume labels are integers")
     result = refine_volume_file(
-        args.image, args.output, labels=args.labels, probs=args.probs, spacing=args.spacing,
-        num_classes=args.num_classes, num_iterations=args.iterations, theta_alpha=args.theta_alpha,
-        theta_beta=args.theta_beta, theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight,
-        bilateral_weight=args.bilateral_weight, gt_prob=args.gt_prob, unknown_label=args.unknown,
-        normalize=args.normalize, device=args.device,
+        args.image,
+        args.output,
+        labels=args.labels,
+        probs=args.probs,
+        spacing=args.spacing,
+        num_classes=args.num_classes,
+        num_iterations=args.iterations,
+        theta_alpha=args.theta_alpha,
+        theta_beta=args.theta_beta,
+        theta_gamma=args.theta_gamma,
+        spatial_weight=args.spatial_weight,
+        bilateral_weight=args.bilateral_weight,
+        gt_prob=args.gt_prob,
+        unknown_label=args.unknown,
+        normalize=args.normalize,
+        device=args.device,
     )
     print(result.summary())
     return 0
@@ -376,20 +371,27 @@ def _refine(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .image import overlay, save_annotation, save_image, save_label_map, voc_palette
+    from .inputs import is_pattern, refine_jobs
     from .refine import check_parameters
 
     check_parameters(
-        num_iterations=args.iterations, theta_alpha=args.theta_alpha, theta_beta=args.theta_beta,
-        theta_gamma=args.theta_gamma, spatial_weight=args.spatial_weight, bilateral_weight=args.bilateral_weight,
-        gt_prob=args.gt_prob, num_classes=args.num_classes,
+        num_iterations=args.iterations,
+        theta_alpha=args.theta_alpha,
+        theta_beta=args.theta_beta,
+        theta_gamma=args.theta_gamma,
+        spatial_weight=args.spatial_weight,
+        bilateral_weight=args.bilateral_weight,
+        gt_prob=args.gt_prob,
+        num_classes=args.num_classes,
     )
     from .volume import volume_format
 
-    if volume_format(args.image) is not None and not _is_pattern(args.image) and not Path(args.image).is_dir():
+    if volume_format(args.image) is not None and not is_pattern(args.image) and not Path(args.image).is_dir():
         return _refine_volume(args)
     if args.spacing is not None:
         raise ValueError("--spacing is for volumes (.npy, .nii, .nii.gz); photos are refined in pixels")
-    jobs = _refine_jobs(args)
+    kind = "labels" if args.labels is not None else "probs"
+    jobs = refine_jobs(args.image, args.labels if kind == "labels" else args.probs, args.output, kind=kind)
     from .files import check_output
 
     for image_path, source, output in jobs:  # the targets first: nothing is computed for an output that cannot be
@@ -430,9 +432,14 @@ def _refine(args: argparse.Namespace) -> int:
 def _add_max_pixels(parser) -> None:
     from .image import DEFAULT_MAX_PIXELS
 
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help=f"refuse image files of more than N pixels, read from their headers (default: "
-                             f"{DEFAULT_MAX_PIXELS}, 4096x4096; 0: no limit)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse image files of more than N pixels, read from their headers (default: "
+        f"{DEFAULT_MAX_PIXELS}, 4096x4096; 0: no limit)",
+    )
 
 
 def _add_refine_parser(sub) -> None:
@@ -456,35 +463,78 @@ def _add_refine_parser(sub) -> None:
     p.add_argument("image", help="photo, folder of photos, glob pattern (quote it), or volume (.npy, .nii, .nii.gz)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", help="label map PNG (or folder of them); for a volume: label volume .npy / NIfTI")
-    src.add_argument("--probs", help="class probabilities .npy (or folder of them); for a volume: (C, D, H, W) .npy "
-                     "or (X, Y, Z, C) NIfTI")
-    p.add_argument("-o", "--output", help="output PNG, or folder (default: <image>_refined.png; for folders: refined/); "
-                   "for a volume: .npy or .nii / .nii.gz like the input (default: <volume>_refined.<ending>)")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("A", "B", "C"),
-                   help="volumes: voxel size along the three array axes (default: the NIfTI header's, else 1 1 1)")
+    src.add_argument(
+        "--probs",
+        help="class probabilities .npy (or folder of them); for a volume: (C, D, H, W) .npy or (X, Y, Z, C) NIfTI",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output PNG, or folder (default: <image>_refined.png; for folders: refined/); "
+        "for a volume: .npy or .nii / .nii.gz like the input (default: <volume>_refined.<ending>)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("A", "B", "C"),
+        help="volumes: voxel size along the three array axes (default: the NIfTI header's, else 1 1 1)",
+    )
     p.add_argument("--overlay", action="store_true", help="also write <output>_overlay.png (photo blended with labels)")
-    p.add_argument("--labels-as", choices=("auto", "index", "color"), default="auto",
-                   help="read the label map as integers or as one class per colour (default: auto, see above)")
-    p.add_argument("--unknown", type=_unknown, default=255,
-                   help="label value of unlabelled pixels in integer maps, or 'none' (default: 255)")
+    p.add_argument(
+        "--labels-as",
+        choices=("auto", "index", "color"),
+        default="auto",
+        help="read the label map as integers or as one class per colour (default: auto, see above)",
+    )
+    p.add_argument(
+        "--unknown",
+        type=_unknown,
+        default=255,
+        help="label value of unlabelled pixels in integer maps, or 'none' (default: 255)",
+    )
     p.add_argument("--num-classes", type=int, help="class count (default: largest label + 1, or the colour count)")
     p.add_argument("--normalize", action="store_true", help="rescale probabilities to sum to 1 instead of refusing")
     p.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
-    p.add_argument("--theta-alpha", type=float, default=80.0,
-                   help="bilateral kernel, position bandwidth in pixels, for volumes in spacing units (pydensecrf "
-                   "bilateral sxy; default: 80)")
-    p.add_argument("--theta-beta", type=float, default=13.0,
-                   help="bilateral kernel, colour bandwidth in 0..255, for volumes in intensity units (pydensecrf "
-                   "srgb; default: 13)")
-    p.add_argument("--theta-gamma", type=float, default=3.0,
-                   help="spatial kernel bandwidth in pixels, for volumes in spacing units, e.g. mm (pydensecrf "
-                   "Gaussian sxy; default: 3)")
-    p.add_argument("--spatial-weight", type=float, default=3.0,
-                   help="spatial kernel Potts weight (pydensecrf Gaussian compat; default: 3)")
-    p.add_argument("--bilateral-weight", type=float, default=10.0,
-                   help="bilateral kernel Potts weight (pydensecrf bilateral compat; default: 10)")
-    p.add_argument("--gt-prob", type=float, default=0.7,
-                   help="confidence in the given labels, as pydensecrf's unary_from_labels (default: 0.7)")
+    p.add_argument(
+        "--theta-alpha",
+        type=float,
+        default=80.0,
+        help="bilateral kernel, position bandwidth in pixels, for volumes in spacing units (pydensecrf "
+        "bilateral sxy; default: 80)",
+    )
+    p.add_argument(
+        "--theta-beta",
+        type=float,
+        default=13.0,
+        help="bilateral kernel, colour bandwidth in 0..255, for volumes in intensity units (pydensecrf "
+        "srgb; default: 13)",
+    )
+    p.add_argument(
+        "--theta-gamma",
+        type=float,
+        default=3.0,
+        help="spatial kernel bandwidth in pixels, for volumes in spacing units, e.g. mm (pydensecrf "
+        "Gaussian sxy; default: 3)",
+    )
+    p.add_argument(
+        "--spatial-weight",
+        type=float,
+        default=3.0,
+        help="spatial kernel Potts weight (pydensecrf Gaussian compat; default: 3)",
+    )
+    p.add_argument(
+        "--bilateral-weight",
+        type=float,
+        default=10.0,
+        help="bilateral kernel Potts weight (pydensecrf bilateral compat; default: 10)",
+    )
+    p.add_argument(
+        "--gt-prob",
+        type=float,
+        default=0.7,
+        help="confidence in the given labels, as pydensecrf's unary_from_labels (default: 0.7)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_max_pixels(p)
     p.set_defaults(func=_refine)
@@ -494,15 +544,22 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from . import serve
     except ImportError as exc:
-        raise RuntimeError(f"the web app needs the serve extra: pip install 'crfasrnn[serve]' ({exc})") from None
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"the web app needs the serve extra: pip install 'crfasrnn[serve]' ({exc})"
+        ) from None
 
     if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
     if not math.isfinite(args.body_timeout) or args.body_timeout <= 0:
         raise ValueError(f"--body-timeout must be a finite number > 0, got {args.body_timeout}")
     limits = serve.Limits(
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_side=args.max_side,
-        downscale=not args.refuse_oversize, work_side=args.work_side, max_decodes=args.max_decodes,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_side=args.max_side,
+        downscale=not args.refuse_oversize,
+        work_side=args.work_side,
+        max_decodes=args.max_decodes,
         body_timeout_s=args.body_timeout,
     )
     weights = args.weights or os.environ.get("CRFASRNN_WEIGHTS") or None
@@ -519,7 +576,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="the live demo: a web page and JSON API that segment or refine uploaded photos",
+        "serve",
+        help="the live demo: a web page and JSON API that segment or refine uploaded photos",
         description="Serve the demo page and its JSON API (POST /api/segment, POST /api/refine, GET /api/info). "
         "With --weights (or CRFASRNN_WEIGHTS): CRF-RNN segmentation; without: dense-CRF refinement of label maps.",
     )
@@ -528,24 +586,38 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--weights", help="weights file (.caffemodel, the port's .pth, or ours); default: $CRFASRNN_WEIGHTS")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--iterations", type=int, default=10, help="CRF iterations of the network (default: 10)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0,
-                   help="largest upload per request in MiB (default: 10)")
-    p.add_argument("--max-side", type=int, default=4096,
-                   help="largest accepted image side in pixels; larger images are downscaled (default: 4096)")
-    p.add_argument("--refuse-oversize", action="store_true",
-                   help="refuse images larger than --max-side instead of downscaling them")
-    p.add_argument("--work-side", type=int, default=1024,
-                   help="longest side at which photos are processed and results returned (default: 1024)")
-    p.add_argument("--max-decodes", type=int, default=2,
-                   help="uploads decoded at once; other requests wait (default: 2)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a request body may take to arrive (default: 30)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload per request in MiB (default: 10)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=4096,
+        help="largest accepted image side in pixels; larger images are downscaled (default: 4096)",
+    )
+    p.add_argument(
+        "--refuse-oversize",
+        action="store_true",
+        help="refuse images larger than --max-side instead of downscaling them",
+    )
+    p.add_argument(
+        "--work-side",
+        type=int,
+        default=1024,
+        help="longest side at which photos are processed and results returned (default: 1024)",
+    )
+    p.add_argument(
+        "--max-decodes", type=int, default=2, help="uploads decoded at once; other requests wait (default: 2)"
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (default: 30)"
+    )
     p.set_defaults(func=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crfasrnn", description="CRF-RNN semantic segmentation for PyTorch.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details, and show the full traceback of any error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="refine the bundled coarse annotation of the bundled photo with a dense CRF")
     demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
@@ -555,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert",
-        help="convert published CRF-RNN weights (Caffe .caffemodel or the PyTorch port's .pth) to this package's format",
+        help="convert published CRF-RNN weights (Caffe .caffemodel or the PyTorch port's .pth) to this package's "
+        "format",
     )
     convert.add_argument("source", help="TVG_CRFRNN_COCO_VOC.caffemodel, crfasrnn_weights.pth, or a file of ours")
     convert.add_argument("destination", help="output file: .safetensors (recommended) or .pt")
@@ -587,10 +660,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception says that host or device memory ran out (``MemoryError``, torch's ``OutOfMemoryError``)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return isinstance(oom, type) and isinstance(exc, oom)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import USER_ERRORS  # (after parsing: --help needs no torch)
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if getattr(args, "max_pixels", None) is not None:
             from .image import set_max_pixels
@@ -599,9 +685,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
             set_max_pixels(args.max_pixels or None)
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as exc:
+    except USER_ERRORS as exc:  # the user's mistakes (values, types, files, a missing extra): one line
+        if args.verbose:
+            raise
         message = " ".join(str(exc).split())  # one line, whatever the exception's text
         print(f"crfasrnn {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:  # out of memory is no bug, but no mistake either: say what ran out
+        if args.verbose or not _out_of_memory(exc):
+            raise  # an internal error: its traceback is what a bug report needs
+        message = " ".join(str(exc).split())[:300]
+        print(
+            f"crfasrnn {args.command}: error: out of memory ({type(exc).__name__}: {message}); try a smaller input "
+            "(--max-pixels), a smaller batch, or another device",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

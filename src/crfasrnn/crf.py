@@ -2,8 +2,8 @@
 
 Zheng, Jayasumana, Romera-Paredes, Vineet, Su, Du, Huang and Torr, *Conditional Random Fields as Recurrent Neural
 Networks*, ICCV 2015. The pairwise potentials are the two Gaussian kernels of Krähenbühl and Koltun's dense CRF (NIPS
-2011), a spatial (smoothness) kernel over pixel positions and a bilateral (appearance) kernel over positions and colours,
-filtered with the permutohedral lattice (:mod:`crfasrnn.lattice`).
+2011), a spatial (smoothness) kernel over pixel positions and a bilateral (appearance) kernel over positions and
+colours, filtered with the permutohedral lattice (:mod:`crfasrnn.lattice`).
 
 Conventions (the Caffe original's and the paper's): the unary input is a score (a logit, the *negative* unary energy);
 each iteration computes ``Q = U - M @ (W_s @ S + W_b @ B)`` with the compatibility matrix ``M`` initialised to ``-I``
@@ -12,26 +12,23 @@ each iteration computes ``Q = U - M @ (W_s @ S + W_b @ B)`` with the compatibili
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ._checks import check_finite, check_iterations, check_positive, check_same_device, check_tensor, require
+from ._precision import precision
 from .engine import (
-    _check_iterations,
-    _lattice,
-    _position_lattice,
-    _precision,
-    _require,
+    check_position_extent,
     guided_features,
+    kernel_lattice,
     mean_field_scores,
     position_features,
+    position_lattice_tensors,
 )
-from .lattice import _ops as _lattice_ops
-from .lattice import all_finite, resolve_backend
-from .lattice._build import max_feature_magnitude
+from .lattice import NORMALIZE_AFTER, resolve_backend
 
 __all__ = ["CrfRnn", "bilateral_features", "crf_rnn", "set_finite_check", "spatial_features"]
 
@@ -62,9 +59,9 @@ def set_finite_check(mode: FiniteCheck) -> FiniteCheck:
     return previous
 
 
-
 def spatial_features(height: int, width: int, theta_gamma: float, *, like: torch.Tensor) -> torch.Tensor:
-    """Features of the spatial kernel: ``(x / θγ, y / θγ)`` with x the column and y the row, 0-based (SPEC §2.1).
+    """Features of the spatial kernel: ``(x / θγ, y / θγ)`` with x the column and y the row, 0-based (docs/reference.md
+    §2.1).
 
     Args:
         height, width: image size in pixels.
@@ -78,7 +75,7 @@ def spatial_features(height: int, width: int, theta_gamma: float, *, like: torch
 
 
 def bilateral_features(image: torch.Tensor, theta_alpha: float, theta_beta: float) -> torch.Tensor:
-    """Features of the bilateral kernel: ``(x/θα, y/θα, I0/θβ, I1/θβ, I2/θβ)`` (SPEC §2.1).
+    """Features of the bilateral kernel: ``(x/θα, y/θα, I0/θβ, I1/θβ, I2/θβ)`` (docs/reference.md §2.1).
 
     Args:
         image: (B, 3, H, W) colour channels in the units θβ refers to, used in tensor order.
@@ -91,51 +88,38 @@ def bilateral_features(image: torch.Tensor, theta_alpha: float, theta_beta: floa
     return guided_features(image, theta_alpha, theta_beta)
 
 
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
 def _check_inputs(
     unary: torch.Tensor, image: torch.Tensor, num_classes: int | None, parameter_device: torch.device | None = None
 ) -> None:
     """Shape, dtype and device checks (``torch._check_*``: no host sync, no graph break), then the optional NaN scan."""
     for name, t in (("unary", unary), ("image", image)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, C, H, W), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
-    _require(image.shape[1] == 3, f"image must have 3 channels (B, 3, H, W), got shape {tuple(image.shape)}")
-    _require(
+        check_tensor(name, t, layout="a 4-D tensor (B, C, H, W)", ndim=4, kind="floating")
+    require(image.shape[1] == 3, f"image must have 3 channels (B, 3, H, W), got shape {tuple(image.shape)}")
+    require(
         unary.shape[0] == image.shape[0] and unary.shape[2] == image.shape[2] and unary.shape[3] == image.shape[3],
         f"unary {tuple(unary.shape)} and image {tuple(image.shape)} must have the same batch size and H, W",
     )
     if num_classes is not None:
-        _require(unary.shape[1] == num_classes,
-                 f"unary has {unary.shape[1]} classes but the layer has {num_classes} (shape {tuple(unary.shape)})")
-    _require(min(unary.shape) >= 1, f"unary must not be empty, got shape {tuple(unary.shape)}")
-    if unary.device != image.device:
-        raise ValueError(f"unary is on {unary.device} but image is on {image.device}")
-    if parameter_device is not None and unary.device != parameter_device:
-        raise ValueError(f"unary is on {unary.device} but the layer's parameters are on {parameter_device}")
+        require(
+            unary.shape[1] == num_classes,
+            f"unary has {unary.shape[1]} classes but the layer has {num_classes} (shape {tuple(unary.shape)})",
+        )
+    check_same_device("unary", unary, "image", image.device)
+    if parameter_device is not None:
+        check_same_device("unary", unary, "the layer's parameters", parameter_device)
     mode = _FINITE_CHECK[0]
     if mode == "never" or torch.compiler.is_compiling() or (mode == "cpu" and unary.device.type != "cpu"):
         return
     if unary.device.type == "meta" or _is_fake(unary):  # no data to scan (shape propagation)
         return
-    if not all_finite(unary):
-        raise ValueError(f"unary {tuple(unary.shape)} contains NaN or Inf")
-    if not all_finite(image):
-        raise ValueError(f"image {tuple(image.shape)} contains NaN or Inf")
+    check_finite("unary", unary)
+    check_finite("image", image)
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:
-    fake = sys.modules.get("torch._subclasses.fake_tensor")  # not imported: no fake tensor exists (and none is paid for)
+    fake = sys.modules.get(
+        "torch._subclasses.fake_tensor"
+    )  # not imported: no fake tensor exists (and none is paid for)
     return fake is not None and fake.is_fake(tensor)
 
 
@@ -152,7 +136,8 @@ def crf_rnn(
     theta_gamma: float = 3.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Mean-field inference of the dense CRF, unrolled for ``num_iterations`` steps (functional form of :class:`CrfRnn`).
+    """Mean-field inference of the dense CRF, unrolled for ``num_iterations`` steps (functional form of
+    :class:`CrfRnn`).
 
     Per iteration: ``P = softmax(Q)``, ``S = n_s ⊙ K_s P``, ``B = n_b ⊙ K_b P`` with ``n = 1 / (K·1 + ε)``, and
     ``Q = U − M @ (W_s @ S + W_b @ B)``, starting from ``Q = U``. The lattices are built once per call (one per image
@@ -174,55 +159,72 @@ def crf_rnn(
         (B, C, H, W) unnormalised scores Q^T (apply a softmax for marginals).
     """
     _check_inputs(unary, image, None)
-    return _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, num_iterations, theta_alpha,
-                    theta_beta, theta_gamma, backend)
+    return _crf_rnn(
+        unary,
+        image,
+        spatial_weights,
+        bilateral_weights,
+        compatibility,
+        num_iterations,
+        theta_alpha,
+        theta_beta,
+        theta_gamma,
+        backend,
+    )
 
 
-def _crf_rnn(unary, image, spatial_weights, bilateral_weights, compatibility, num_iterations, theta_alpha, theta_beta,
-             theta_gamma, backend):
+def _crf_rnn(
+    unary,
+    image,
+    spatial_weights,
+    bilateral_weights,
+    compatibility,
+    num_iterations,
+    theta_alpha,
+    theta_beta,
+    theta_gamma,
+    backend,
+):
     """:func:`crf_rnn` after the input checks (which :class:`CrfRnn` makes itself, once)."""
     num_classes = unary.shape[1]
-    for name, m in (("spatial_weights", spatial_weights), ("bilateral_weights", bilateral_weights),
-                    ("compatibility", compatibility)):
+    for name, m in (
+        ("spatial_weights", spatial_weights),
+        ("bilateral_weights", bilateral_weights),
+        ("compatibility", compatibility),
+    ):
         if m.shape != (num_classes, num_classes):
-            raise ValueError(f"{name} must be ({num_classes}, {num_classes}) for {num_classes} classes, got {tuple(m.shape)}")
-    _check_iterations(num_iterations)
-    theta_alpha = _check_positive("theta_alpha", theta_alpha)
-    theta_beta = _check_positive("theta_beta", theta_beta)
-    theta_gamma = _check_positive("theta_gamma", theta_gamma)
+            raise ValueError(
+                f"{name} must be ({num_classes}, {num_classes}) for {num_classes} classes, got {tuple(m.shape)}"
+            )
+    check_iterations(num_iterations)
+    theta_alpha = check_positive("theta_alpha", theta_alpha)
+    theta_beta = check_positive("theta_beta", theta_beta)
+    theta_gamma = check_positive("theta_gamma", theta_gamma)
     backend = resolve_backend(backend, unary.device)
     if num_iterations == 0:
         return unary
 
-    with _precision(unary) as (dtype, out_dtype):
+    with precision(unary) as (dtype, out_dtype):
         b, _, h, w = unary.shape
-        _check_bandwidths(h, w, theta_alpha, theta_gamma, dtype)
+        check_position_extent("theta_gamma", (h, w), theta_gamma, None, 2, dtype)  # the spatial kernel's
+        check_position_extent("theta_alpha", (h, w), theta_alpha, None, 5, dtype)  # the bilateral kernel's
         features = bilateral_features(image.detach().to(dtype), theta_alpha, theta_beta)
-        bilateral = _lattice(f"bilateral kernel (theta_alpha={theta_alpha:g}, theta_beta={theta_beta:g})", features,
-                             b, (h, w), dtype, backend)
-        spatial = _position_lattice((h, w), theta_gamma, None, unary.device, dtype, backend)
+        bilateral = kernel_lattice(
+            f"bilateral kernel (theta_alpha={theta_alpha:g}, theta_beta={theta_beta:g})",
+            features,
+            b,
+            (h, w),
+            dtype,
+            backend,
+        )
+        spatial = position_lattice_tensors((h, w), theta_gamma, None, unary.device, dtype, backend)
         # The engine's q = u − Σ_k msg_k (M W_k)ᵀ with the shared compatibility M, both kernels normalised after.
         matrices = [m.to(dtype) for m in (spatial_weights, bilateral_weights, compatibility)]
         mixing = [(matrices[2] @ matrices[0]).t().contiguous(), (matrices[2] @ matrices[1]).t().contiguous()]
-        after = _lattice_ops.NORMALIZE_AFTER  # CRF-RNN's normalisation: n ⊙ K p
-        return mean_field_scores(unary, [spatial, bilateral], mixing, [after, after], num_iterations, False, dtype,
-                                 out_dtype)
-
-
-def _check_bandwidths(height: int, width: int, theta_alpha: float, theta_gamma: float, dtype: torch.dtype) -> None:
-    """The positions' part of the features is known from the size alone: refuse bandwidths too small for it (no sync),
-    naming them, before any lattice is built."""
-    extent = max(height, width) - 1
-    for name, theta, d in (("theta_gamma", theta_gamma, 2), ("theta_alpha", theta_alpha, 5)):
-        limit = max_feature_magnitude(d, dtype)
-        if extent / theta > limit:
-            kernel = "spatial" if d == 2 else "bilateral"
-            raise ValueError(
-                f"{name}={theta:g} is too small for a {height}x{width} image: the {kernel} kernel's positions would "
-                f"reach {extent / theta:.3g} bandwidths, beyond the {limit:.3g} its lattice handles; the lattice "
-                f"would have up to {height * width * (d + 1):,} vertices per image, one simplex per pixel, and the "
-                f"kernel would be nearly the identity. Use {name} >= {extent / limit:.3g}"
-            )
+        after = NORMALIZE_AFTER  # CRF-RNN's normalisation: n ⊙ K p
+        return mean_field_scores(
+            unary, [spatial, bilateral], mixing, [after, after], num_iterations, False, dtype, out_dtype
+        )
 
 
 class CrfRnn(nn.Module):
@@ -270,14 +272,14 @@ class CrfRnn(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        _check_iterations(num_iterations)
+        check_iterations(num_iterations)
         if backend not in ("auto", "torch", "numba"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
         self.num_classes = num_classes
         self.num_iterations = num_iterations
-        self.theta_alpha = _check_positive("theta_alpha", theta_alpha)
-        self.theta_beta = _check_positive("theta_beta", theta_beta)
-        self.theta_gamma = _check_positive("theta_gamma", theta_gamma)
+        self.theta_alpha = check_positive("theta_alpha", theta_alpha)
+        self.theta_beta = check_positive("theta_beta", theta_beta)
+        self.theta_gamma = check_positive("theta_gamma", theta_gamma)
         self.backend = backend
         eye = torch.eye(num_classes, dtype=torch.float32)
         self.spatial_weights = nn.Parameter(float(spatial_weight) * eye)
@@ -287,8 +289,18 @@ class CrfRnn(nn.Module):
     def forward(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Run ``num_iterations`` mean-field steps; see :func:`crf_rnn`."""
         _check_inputs(unary, image, self.num_classes, self.compatibility.device)
-        return _crf_rnn(unary, image, self.spatial_weights, self.bilateral_weights, self.compatibility,
-                        self.num_iterations, self.theta_alpha, self.theta_beta, self.theta_gamma, self.backend)
+        return _crf_rnn(
+            unary,
+            image,
+            self.spatial_weights,
+            self.bilateral_weights,
+            self.compatibility,
+            self.num_iterations,
+            self.theta_alpha,
+            self.theta_beta,
+            self.theta_gamma,
+            self.backend,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -63,12 +63,24 @@ def run_demo(output_dir: str | Path, *, num_iterations: int = 10, device: str = 
     # The first call in a fresh environment compiles the CPU kernels (numba, cached on disk afterwards): do it on a
     # tiny crop, so that the refinement's time below is the refinement's.
     start = time.perf_counter()
-    refine(photo[:8, :8], labels=coarse[:8, :8], num_classes=len(DEMO_CLASSES), unknown_label=annotation.unknown_label,
-           num_iterations=1, device=device)
+    refine(
+        photo[:8, :8],
+        labels=coarse[:8, :8],
+        num_classes=len(DEMO_CLASSES),
+        unknown_label=annotation.unknown_label,
+        num_iterations=1,
+        device=device,
+    )
     warmup = time.perf_counter() - start
     start = time.perf_counter()
-    refined = refine(photo, labels=coarse, num_classes=len(DEMO_CLASSES), unknown_label=annotation.unknown_label,
-                     num_iterations=num_iterations, device=device)
+    refined = refine(
+        photo,
+        labels=coarse,
+        num_classes=len(DEMO_CLASSES),
+        unknown_label=annotation.unknown_label,
+        num_iterations=num_iterations,
+        device=device,
+    )
     seconds = time.perf_counter() - start
     logger.info("refined a %dx%d annotation in %.2f s", photo.shape[1], photo.shape[0], seconds)
 
@@ -86,5 +98,6 @@ def run_demo(output_dir: str | Path, *, num_iterations: int = 10, device: str = 
     save_image(blend, files[1])
     save_image(figure, files[2])
     changed = int((refined[~unknown] != coarse[~unknown]).sum())
-    return DemoResult(output_dir, files, changed, int((~unknown).sum()), int(unknown.sum()), int(coarse.size), seconds,
-                      warmup)
+    return DemoResult(
+        output_dir, files, changed, int((~unknown).sum()), int(unknown.sum()), int(coarse.size), seconds, warmup
+    )

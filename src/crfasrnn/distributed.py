@@ -1,4 +1,4 @@
-"""Multi-process helpers: process-group setup from ``torchrun``'s environment, sharded samplers, reductions.
+"""Multi-process helpers: this process's rank from ``torchrun``'s environment, process groups, shards, reductions.
 
 ``torchrun --standalone --nproc_per_node=N -m crfasrnn train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
 :func:`setup` then joins the group (nccl on CUDA, gloo on CPU). Without those variables everything runs as a single
@@ -10,14 +10,26 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["DistInfo", "setup", "teardown", "all_reduce_sum", "ShardSampler", "shard_indices"]
+__all__ = [
+    "DistInfo",
+    "ShardSampler",
+    "all_reduce_sum",
+    "process_rank",
+    "setup",
+    "shard",
+    "shard_indices",
+    "teardown",
+]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +49,46 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` from the ``RANK`` and ``WORLD_SIZE`` variables torchrun sets; ``(0, 1)`` without them.
+
+    Raises:
+        ValueError: malformed values.
+    """
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise ValueError(f"RANK / WORLD_SIZE must be integers: {exc}") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= RANK < WORLD_SIZE, got RANK={rank} WORLD_SIZE={world}")
+    return rank, world
+
+
+def shard(items: Iterable[T], rank: int, world_size: int) -> list[T]:
+    """The items process ``rank`` of ``world_size`` takes: every ``world_size``-th from ``rank`` (balanced).
+
+    Example:
+        >>> [shard(range(7), r, 3) for r in range(3)]
+        [[0, 3, 6], [1, 4], [2, 5]]
+    """
+    return list(items)[rank::world_size]
+
+
 def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group if launched by ``torchrun`` and choose this process's device.
 
     ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; under torchrun with
     CUDA each process takes ``cuda:LOCAL_RANK``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = process_rank()
+    info = DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", "0")))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
         if info.enabled:
             dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
@@ -82,9 +120,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def shard_indices(length: int, rank: int, world_size: int) -> list[int]:
-    """This process's share of ``range(length)`` for evaluation: every ``world_size``-th index, no padding, so each
-    sample is counted exactly once over all processes."""
-    return list(range(rank, length, world_size))
+    """This process's share of ``range(length)`` for evaluation (:func:`shard`): no padding, so each sample is counted
+    exactly once over all processes."""
+    return shard(range(length), rank, world_size)
 
 
 class ShardSampler(Sampler[int]):

@@ -1,4 +1,5 @@
-"""The dense-CRF engine: mean-field inference of a fully connected CRF with any Gaussian kernels, in 1, 2 or 3 dimensions.
+"""The dense-CRF engine: mean-field inference of a fully connected CRF with any Gaussian kernels, in 1, 2 or 3
+dimensions.
 
 A dense CRF (Krähenbühl and Koltun, NIPS 2011) over the points of a signal, an image or a volume has a unary term per
 point and label and, for each of its kernels k, a pairwise term ``μ_k(l, l') · w_k · exp(−|f_i − f_j|² / 2)`` between
@@ -33,7 +34,6 @@ The lattice's approximation depends slightly on the order of the features, so th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -45,21 +45,47 @@ import torch
 from torch import nn
 
 from . import _mean_field  # (also registers crfasrnn::mean_field)
-from .lattice import PermutohedralLattice, resolve_backend
-from .lattice import _ops as _lattice_ops
-from .lattice._build import max_feature_magnitude
+from ._checks import check_iterations, describe, require
+from ._precision import compute_dtype, precision
+from .errors import InputTypeError
+from .lattice import (
+    FIELDS,
+    NO_NORMALIZATION,
+    NORMALIZE_AFTER,
+    NORMALIZE_BEFORE,
+    NORMALIZE_SYMMETRIC,
+    PermutohedralLattice,
+    build_tensors,
+    max_feature_magnitude,
+    resolve_backend,
+)
 
-__all__ = ["NORMALIZATIONS", "DenseCRF", "GaussianKernel", "dense_crf", "guided_features", "per_axis",
-           "position_features", "position_lattice"]
+__all__ = [
+    "NORMALIZATIONS",
+    "DenseCRF",
+    "GaussianKernel",
+    "dense_crf",
+    "guided_features",
+    "per_axis",
+    "position_features",
+    "position_lattice",
+    # building blocks of the layers built on the engine (crfasrnn.crf, crfasrnn.densecrf)
+    "check_position_extent",
+    "kernel_lattice",
+    "marginals_points",
+    "mean_field_points",
+    "mean_field_scores",
+    "position_lattice_tensors",
+]
 
 Normalization = Literal["none", "before", "after", "symmetric"]
 
 #: The normalisation names and the operators' mode codes (pydensecrf's constants, in its order).
 NORMALIZATIONS: dict[str, int] = {
-    "none": _lattice_ops.NO_NORMALIZATION,
-    "before": _lattice_ops.NORMALIZE_BEFORE,
-    "after": _lattice_ops.NORMALIZE_AFTER,
-    "symmetric": _lattice_ops.NORMALIZE_SYMMETRIC,
+    "none": NO_NORMALIZATION,
+    "before": NORMALIZE_BEFORE,
+    "after": NORMALIZE_AFTER,
+    "symmetric": NORMALIZE_SYMMETRIC,
 }
 
 #: A kernel weight or compatibility: a number, a per-class vector (C,) or a (C, C) matrix.
@@ -89,10 +115,17 @@ def per_axis(name: str, value, count: int, *, allow_inf: bool = False, hint: str
         raise ValueError(f"{name} needs 1 or {count} values, got {len(values)} ({value!r}){hint}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or v <= 0 or (
-                math.isinf(v) and not allow_inf):
-            raise ValueError(f"{name} must be {'positive numbers (inf: unused)' if allow_inf else 'finite numbers > 0'}"
-                             f", got {value!r}{hint}")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, numbers.Real)
+            or math.isnan(v)
+            or v <= 0
+            or (math.isinf(v) and not allow_inf)
+        ):
+            raise ValueError(
+                f"{name} must be {'positive numbers (inf: unused)' if allow_inf else 'finite numbers > 0'}"
+                f", got {value!r}{hint}"
+            )
         out.append(float(v))
     return tuple(out)
 
@@ -167,11 +200,12 @@ def guided_features(
         torch.Size([1, 5, 4, 5])
     """
     if not isinstance(guide, torch.Tensor) or guide.ndim < 3 or guide.ndim > 5 or not guide.is_floating_point():
-        raise ValueError(f"guide must be a floating (B, G, *spatial) tensor with 1 to 3 spatial dimensions, got "
-                         f"{_describe(guide)}")
+        raise ValueError(
+            f"guide must be a floating (B, G, *spatial) tensor with 1 to 3 spatial dimensions, got {describe(guide)}"
+        )
     b, g = guide.shape[:2]
     bandwidths = per_axis("guide_bandwidth", guide_bandwidth, g, allow_inf=True)
-    channels = [guide[:, i:i + 1] / bw for i, bw in enumerate(bandwidths) if math.isfinite(bw)]
+    channels = [guide[:, i : i + 1] / bw for i, bw in enumerate(bandwidths) if math.isfinite(bw)]
     parts = []
     if position_bandwidth is not None:
         positions = position_features(guide.shape[2:], position_bandwidth, spacing=spacing, like=guide)
@@ -185,32 +219,10 @@ def guided_features(
 # --- the functional form --------------------------------------------------------------------------------------------
 
 
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
-
-
-def _require(condition, message: str) -> None:
-    """``torch._check_value``: a ValueError eagerly, a runtime assertion (no graph break) in a compiled graph."""
-    torch._check_value(condition, lambda: message)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision the CRF computes in: float64 stays, everything else (half, bfloat16) is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _mode(name: str, normalization) -> int:
     if isinstance(normalization, str) and normalization in NORMALIZATIONS:
         return NORMALIZATIONS[normalization]
     raise ValueError(f"{name} must be one of {', '.join(map(repr, NORMALIZATIONS))}, got {normalization!r}")
-
-
-def _check_iterations(num_iterations) -> int:
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
-    return num_iterations
 
 
 def _matrix(name: str, value, num_classes: int, *, dtype, device) -> torch.Tensor:
@@ -218,7 +230,7 @@ def _matrix(name: str, value, num_classes: int, *, dtype, device) -> torch.Tenso
     differentiable where it is a tensor)."""
     t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=dtype)
     if t.is_complex() or not (t.is_floating_point() or isinstance(value, (numbers.Real, Sequence))):
-        raise TypeError(f"{name} must be a number, a (C,) vector or a (C, C) matrix, got {_describe(value)}")
+        raise InputTypeError(f"{name} must be a number, a (C,) vector or a (C, C) matrix, got {describe(value)}")
     t = t.to(dtype=dtype, device=device)
     if t.ndim == 0:
         return t * torch.eye(num_classes, dtype=dtype, device=device)
@@ -226,49 +238,65 @@ def _matrix(name: str, value, num_classes: int, *, dtype, device) -> torch.Tenso
         return torch.diag(t)
     if t.ndim == 2 and tuple(t.shape) == (num_classes, num_classes):
         return t
-    raise ValueError(f"{name} must be a number, a ({num_classes},) vector or a ({num_classes}, {num_classes}) matrix "
-                     f"for {num_classes} classes, got shape {tuple(t.shape)}")
+    raise ValueError(
+        f"{name} must be a number, a ({num_classes},) vector or a ({num_classes}, {num_classes}) matrix "
+        f"for {num_classes} classes, got shape {tuple(t.shape)}"
+    )
 
 
 def _per_kernel(name: str, value, count: int) -> list:
     """A list or tuple holds one value per kernel; anything else (a number, a tensor) is every kernel's."""
     if isinstance(value, (list, tuple)):
         if len(value) != count:
-            raise ValueError(f"{name} given as a sequence needs one value per kernel ({count}), got {len(value)}; "
-                             "give a vector or matrix shared by every kernel as a tensor")
+            raise ValueError(
+                f"{name} given as a sequence needs one value per kernel ({count}), got {len(value)}; "
+                "give a vector or matrix shared by every kernel as a tensor"
+            )
         return list(value)
     return [value] * count
 
 
-def _lattice(name: str, kernel: KernelInput, batch: int, spatial, dtype, backend, compact: bool = False
-             ) -> list[torch.Tensor]:
+def kernel_lattice(
+    name: str, kernel: KernelInput, batch: int, spatial, dtype, backend, compact: bool = False
+) -> list[torch.Tensor]:
     """A kernel's built lattice: from (B or 1, d, *spatial) features, a :class:`PermutohedralLattice` or its tensors."""
     num_points = math.prod(spatial)
     if isinstance(kernel, PermutohedralLattice):
         kernel = kernel.tensors
     if isinstance(kernel, (list, tuple)):
         tensors = list(kernel)
-        if len(tensors) != len(_lattice_ops.FIELDS) or tensors[1].dtype != dtype:
-            raise ValueError(f"{name}: a built lattice must be {len(_lattice_ops.FIELDS)} tensors in {dtype}, got "
-                             f"{len(tensors)} tensors" + (f" in {tensors[1].dtype}" if tensors else ""))
+        if len(tensors) != len(FIELDS) or tensors[1].dtype != dtype:
+            raise ValueError(
+                f"{name}: a built lattice must be {len(FIELDS)} tensors in {dtype}, got "
+                f"{len(tensors)} tensors" + (f" in {tensors[1].dtype}" if tensors else "")
+            )
         points = tensors[0].shape[0]
         if points not in (num_points, batch * num_points):
-            raise ValueError(f"{name}: the lattice was built over {points} points, not the unary's {num_points} "
-                             f"(batch 1) or {batch * num_points} (batch {batch})")
+            raise ValueError(
+                f"{name}: the lattice was built over {points} points, not the unary's {num_points} "
+                f"(batch 1) or {batch * num_points} (batch {batch})"
+            )
         return tensors
     if not isinstance(kernel, torch.Tensor) or not kernel.is_floating_point():
-        raise TypeError(f"{name} must be a floating (B, d, *spatial) features tensor or a built lattice, got "
-                        f"{_describe(kernel)}")
-    if kernel.ndim != 2 + len(spatial) or tuple(kernel.shape[2:]) != tuple(spatial) or kernel.shape[0] not in (
-            1, batch) or kernel.shape[1] < 1:
-        raise ValueError(f"{name} must have shape ({batch} or 1, d, {', '.join(map(str, spatial))}) to match the "
-                         f"unary, got {tuple(kernel.shape)}")
+        raise InputTypeError(
+            f"{name} must be a floating (B, d, *spatial) features tensor or a built lattice, got {describe(kernel)}"
+        )
+    if (
+        kernel.ndim != 2 + len(spatial)
+        or tuple(kernel.shape[2:]) != tuple(spatial)
+        or kernel.shape[0] not in (1, batch)
+        or kernel.shape[1] < 1
+    ):
+        raise ValueError(
+            f"{name} must have shape ({batch} or 1, d, {', '.join(map(str, spatial))}) to match the "
+            f"unary, got {tuple(kernel.shape)}"
+        )
     features = kernel.detach().to(dtype)
     points = features.reshape(features.shape[0], features.shape[1], num_points).transpose(1, 2).contiguous()
     if torch.compiler.is_compiling():
-        return _lattice_ops.build(points, backend, 1, compact)
+        return build_tensors(points, backend, 1, compact)
     try:
-        return _lattice_ops.build(points, backend, 1, compact)
+        return build_tensors(points, backend, 1, compact)
     except ValueError as error:  # name the kernel whose features are out of range
         raise ValueError(f"{name}: {error}") from None
 
@@ -327,13 +355,16 @@ def dense_crf(
         torch.Size([2, 4, 24, 32])
     """
     if not isinstance(unary, torch.Tensor) or not unary.is_floating_point() or not 3 <= unary.ndim <= 5:
-        raise ValueError(f"unary must be a floating (B, C, *spatial) tensor with 1 to 3 spatial dimensions, got "
-                         f"{_describe(unary)}")
-    _require(min(unary.shape) >= 1, f"unary must not be empty, got shape {tuple(unary.shape)}")
+        raise ValueError(
+            f"unary must be a floating (B, C, *spatial) tensor with 1 to 3 spatial dimensions, got {describe(unary)}"
+        )
+    require(min(unary.shape) >= 1, f"unary must not be empty, got shape {tuple(unary.shape)}")
     kernels = list(features) if isinstance(features, (list, tuple)) else None
     if not kernels:
-        raise ValueError(f"features must be a non-empty sequence of one features tensor (or lattice) per kernel, got "
-                         f"{_describe(features)}")
+        raise ValueError(
+            f"features must be a non-empty sequence of one features tensor (or lattice) per kernel, got "
+            f"{describe(features)}"
+        )
     count = len(kernels)
     weight_list = _per_kernel("weights", weights, count)
     compat_list = _per_kernel("compatibility", compatibility, count)
@@ -343,34 +374,30 @@ def dense_crf(
     modes = [_mode("normalization", n) for n in norms]
     if unary_kind not in ("scores", "energies"):
         raise ValueError(f"unary_kind must be 'scores' or 'energies', got {unary_kind!r}")
-    _check_iterations(num_iterations)
+    check_iterations(num_iterations)
     backend = resolve_backend(backend, unary.device)
     if num_iterations == 0:
         return -unary if unary_kind == "energies" else unary
 
-    with _precision(unary) as (dtype, out_dtype):
+    with precision(unary) as (dtype, out_dtype):
         b, c = unary.shape[:2]
         spatial = tuple(unary.shape[2:])
-        lattices = [_lattice(f"features[{k}]", kernel, b, spatial, dtype, backend, compact)
-                    for k, kernel in enumerate(kernels)]
+        lattices = [
+            kernel_lattice(f"features[{k}]", kernel, b, spatial, dtype, backend, compact)
+            for k, kernel in enumerate(kernels)
+        ]
         mixing = [
-            (_matrix(f"compatibility[{k}]", m, c, dtype=dtype, device=unary.device)
-             @ _matrix(f"weights[{k}]", w, c, dtype=dtype, device=unary.device)).t().contiguous()
+            (
+                _matrix(f"compatibility[{k}]", m, c, dtype=dtype, device=unary.device)
+                @ _matrix(f"weights[{k}]", w, c, dtype=dtype, device=unary.device)
+            )
+            .t()
+            .contiguous()
             for k, (w, m) in enumerate(zip(weight_list, compat_list))
         ]
-        return mean_field_scores(unary, lattices, mixing, modes, num_iterations, unary_kind == "energies", dtype,
-                                 out_dtype)
-
-
-@contextlib.contextmanager
-def _precision(unary: torch.Tensor):
-    """Yields (compute dtype, output dtype) with autocast off inside: float32 compute (float64 stays), half inputs
-    returned in their dtype, float32 returned under autocast (as torch's precision-sensitive operations do)."""
-    device_type = unary.device.type
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-    dtype = _compute_dtype(unary.dtype)
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        yield dtype, (dtype if autocast else unary.dtype)
+        return mean_field_scores(
+            unary, lattices, mixing, modes, num_iterations, unary_kind == "energies", dtype, out_dtype
+        )
 
 
 def mean_field_scores(
@@ -524,7 +551,7 @@ class DenseCRF(nn.Module):
             raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
         self.num_classes = num_classes
         self.kernels = tuple(kernels)
-        self.num_iterations = _check_iterations(num_iterations)
+        self.num_iterations = check_iterations(num_iterations)
         self.unary_kind = unary_kind
         self.backend = backend
         self.compact = bool(compact)
@@ -567,71 +594,129 @@ class DenseCRF(nn.Module):
             spacing: the distance between neighbouring points along each axis (one number or one per axis).
         """
         if not isinstance(unary, torch.Tensor) or not unary.is_floating_point() or not 3 <= unary.ndim <= 5:
-            raise ValueError(f"unary must be a floating (B, C, *spatial) tensor with 1 to 3 spatial dimensions, got "
-                             f"{_describe(unary)}")
-        _require(unary.shape[1] == self.num_classes,
-                 f"unary has {unary.shape[1]} classes but the CRF has {self.num_classes} (shape {tuple(unary.shape)})")
+            raise ValueError(
+                f"unary must be a floating (B, C, *spatial) tensor with 1 to 3 spatial dimensions, got "
+                f"{describe(unary)}"
+            )
+        require(
+            unary.shape[1] == self.num_classes,
+            f"unary has {unary.shape[1]} classes but the CRF has {self.num_classes} (shape {tuple(unary.shape)})",
+        )
         spatial = tuple(unary.shape[2:])
-        dtype = _compute_dtype(unary.dtype)
+        dtype = compute_dtype(unary.dtype)
         backend = resolve_backend(self.backend, unary.device)
         if any(k.guide is not None for k in self.kernels):
             if guide is None:
                 raise ValueError("a kernel has a guide bandwidth but no guide was given")
-            if not isinstance(guide, torch.Tensor) or guide.ndim != unary.ndim or guide.shape[0] != unary.shape[0] \
-                    or tuple(guide.shape[2:]) != spatial:
-                raise ValueError(f"guide must have shape ({unary.shape[0]}, G, {', '.join(map(str, spatial))}) to "
-                                 f"match the unary {tuple(unary.shape)}, got {_describe(guide)}")
+            if (
+                not isinstance(guide, torch.Tensor)
+                or guide.ndim != unary.ndim
+                or guide.shape[0] != unary.shape[0]
+                or tuple(guide.shape[2:]) != spatial
+            ):
+                raise ValueError(
+                    f"guide must have shape ({unary.shape[0]}, G, {', '.join(map(str, spatial))}) to "
+                    f"match the unary {tuple(unary.shape)}, got {describe(guide)}"
+                )
             if guide.device != unary.device:
                 raise ValueError(f"guide is on {guide.device} but unary is on {unary.device}")
         given = list(features) if features is not None else []
         wanted = sum(k.given for k in self.kernels)
         if len(given) != wanted:
-            raise ValueError(f"the CRF has {wanted} kernel(s) whose features come with the call, got {len(given)} "
-                             "features tensors")
+            raise ValueError(
+                f"the CRF has {wanted} kernel(s) whose features come with the call, got {len(given)} features tensors"
+            )
         inputs: list[KernelInput] = []
         supplied = iter(given)
         for k, kernel in enumerate(self.kernels):
             if kernel.given:
                 inputs.append(next(supplied))
             elif kernel.guide is None:
-                _check_extent(f"kernels[{k}]", spatial, kernel.positions, spacing, len(spatial), dtype)
-                inputs.append(_position_lattice(spatial, kernel.positions, spacing, unary.device, dtype, backend,
-                                                self.compact))
+                assert kernel.positions is not None  # a kernel over nothing is refused by GaussianKernel
+                check_position_extent(
+                    f"kernels[{k}].positions", spatial, kernel.positions, spacing, len(spatial), dtype
+                )
+                inputs.append(
+                    position_lattice_tensors(
+                        spatial, kernel.positions, spacing, unary.device, dtype, backend, self.compact
+                    )
+                )
             else:
-                guided = guided_features(guide.detach().to(dtype), kernel.positions, _guide_bandwidths(
-                    kernel.guide, guide.shape[1]), spacing=spacing)
+                assert guide is not None  # a guided kernel without a guide is refused above
+                guided = guided_features(
+                    guide.detach().to(dtype),
+                    kernel.positions,
+                    _guide_bandwidths(kernel.guide, guide.shape[1]),
+                    spacing=spacing,
+                )
                 if kernel.positions is not None:  # (over the kernel's own dimension: the channels it keeps)
-                    _check_extent(f"kernels[{k}]", spatial, kernel.positions, spacing, guided.shape[1], dtype)
+                    check_position_extent(
+                        f"kernels[{k}].positions", spatial, kernel.positions, spacing, guided.shape[1], dtype
+                    )
                 inputs.append(guided)
-        return dense_crf(unary, inputs, self._weights(), self.compatibility,
-                         normalization=[k.normalization for k in self.kernels], num_iterations=self.num_iterations,
-                         unary_kind=self.unary_kind, backend=backend, compact=self.compact)
+        return dense_crf(
+            unary,
+            inputs,
+            self._weights(),
+            self.compatibility,
+            normalization=[k.normalization for k in self.kernels],
+            num_iterations=self.num_iterations,
+            unary_kind=self.unary_kind,
+            backend=backend,
+            compact=self.compact,
+        )
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, unary_kind={self.unary_kind!r}, "
-                f"kernels={list(self.kernels)}")
+        return (
+            f"num_classes={self.num_classes}, num_iterations={self.num_iterations}, unary_kind={self.unary_kind!r}, "
+            f"kernels={list(self.kernels)}"
+        )
 
 
 def _guide_bandwidths(bandwidth, channels: int):
     if isinstance(bandwidth, numbers.Real) or len(bandwidth) == channels:
         return bandwidth
-    raise ValueError(f"a guide bandwidth per channel needs {channels} values for a guide of {channels} channels, got "
-                     f"{len(bandwidth)}")
+    raise ValueError(
+        f"a guide bandwidth per channel needs {channels} values for a guide of {channels} channels, got "
+        f"{len(bandwidth)}"
+    )
 
 
-def _check_extent(name, spatial, bandwidth, spacing, dim, dtype) -> None:
-    """Positions are known from the size alone: refuse a bandwidth too small for the lattice before building one."""
-    bandwidths = per_axis(f"{name}.positions", bandwidth, len(spatial))
+def check_position_extent(
+    name: str,
+    spatial: Sequence[int],
+    bandwidth: float | Sequence[float],
+    spacing: float | Sequence[float] | None,
+    dim: int,
+    dtype: torch.dtype,
+) -> None:
+    """Refuse a positional bandwidth too small for the lattice, before one is built (no sync: positions are known from
+    the size alone). ``name`` is the parameter's, as the user knows it; ``dim`` the lattice's number of features.
+
+    Example:
+        >>> check_position_extent("theta", (30, 40), 1e-20, None, 2, torch.float32)
+        Traceback (most recent call last):
+        ...
+        ValueError: theta=1e-20 is too small for a 30x40 image: ...
+    """
+    bandwidths = per_axis(name, bandwidth, len(spatial))
     spacings = (1.0,) * len(spatial) if spacing is None else per_axis("spacing", spacing, len(spatial))
     extent = max((s - 1) * sp / bw for s, sp, bw in zip(spatial, spacings, bandwidths))
     limit = max_feature_magnitude(dim, dtype)
     if extent > limit:
-        raise ValueError(f"{name}: the positional bandwidth {bandwidth!r} is too small for a size of "
-                         f"{'x'.join(map(str, spatial))}: the positions would reach {extent:.3g} bandwidths, beyond "
-                         f"the {limit:.3g} the lattice handles (the kernel would be nearly the identity)")
+        if isinstance(bandwidth, Sequence):
+            given, fix = repr(tuple(bandwidth)), f"multiply it by at least {extent / limit:.3g}"
+        else:
+            given, fix = f"{bandwidth:g}", f"use {name} >= {float(bandwidth) * extent / limit:.3g}"
+        kind = {1: "signal", 2: "image", 3: "volume"}.get(len(spatial), "grid")
+        raise ValueError(
+            f"{name}={given} is too small for a {'x'.join(map(str, spatial))} {kind}: the positions would reach "
+            f"{extent:.3g} bandwidths, beyond the {limit:.3g} the lattice handles with {dim} features (one simplex "
+            f"per point: the kernel would be nearly the identity); {fix}"
+        )
 
 
-def _position_lattice(spatial, bandwidth, spacing, device, dtype, backend, compact=False) -> list[torch.Tensor]:
+def position_lattice_tensors(spatial, bandwidth, spacing, device, dtype, backend, compact=False) -> list[torch.Tensor]:
     """The lattice of a kernel over positions alone: built in the graph when compiling, else kept per size."""
     bandwidths = per_axis("positions", bandwidth, len(spatial))
     spacings = None if spacing is None else per_axis("spacing", spacing, len(spatial))
@@ -666,32 +751,32 @@ def position_lattice(
         torch.Size([1, 768, 1])
     """
     shape = tuple(int(s) for s in spatial_shape)
-    dtype = _compute_dtype(torch.float32 if like is None else like.dtype)
+    dtype = compute_dtype(torch.float32 if like is None else like.dtype)
     device = torch.device("cpu") if like is None else like.device
     backend = resolve_backend(backend, device)
-    _check_extent("position_lattice", shape, bandwidth, spacing, len(shape), dtype)
-    tensors = _position_lattice(shape, bandwidth, spacing, device, dtype, backend, compact)
+    check_position_extent("bandwidth", shape, bandwidth, spacing, len(shape), dtype)
+    tensors = position_lattice_tensors(shape, bandwidth, spacing, device, dtype, backend, compact)
     return PermutohedralLattice.from_tensors(tensors, math.prod(shape))
 
 
 def _tracing() -> bool:
     """Whether a fake-tensor or tracing mode is active (e.g. ``opcheck``'s fake run): its tensors must not be kept."""
-    return any(torch._C._get_dispatch_mode(key) is not None for key in (
-        torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY))
+    return any(
+        torch._C._get_dispatch_mode(key) is not None
+        for key in (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
+    )
 
 
-def build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact=False
-                           ) -> list[torch.Tensor]:
+def build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact=False) -> list[torch.Tensor]:
     """The lattice over the positions of one (batch-1) grid, shared by a batch."""
     like = torch.empty(0, dtype=dtype, device=device)
     features = position_features(spatial, bandwidths, spacing=spacings, like=like)
     n = math.prod(spatial)
-    return _lattice_ops.build(features.reshape(1, len(spatial), n).transpose(1, 2).contiguous(), backend, 1, compact)
+    return build_tensors(features.reshape(1, len(spatial), n).transpose(1, 2).contiguous(), backend, 1, compact)
 
 
 @functools.lru_cache(maxsize=4)
-def cached_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact=False
-                            ) -> list[torch.Tensor]:
+def cached_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact=False) -> list[torch.Tensor]:
     """:func:`build_position_lattice`, kept for the last few sizes (as Caffe builds its spatial lattice at set-up)."""
     with torch.no_grad():
         return build_position_lattice(spatial, bandwidths, spacings, device, dtype, backend, compact)

@@ -249,9 +249,11 @@ def model_confusion(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    is_crf = isinstance(model, CrfRnnNet)
-    matrices = {h: ConfusionMatrix(dataset.num_classes) for h in (["fcn", "crf"] if is_crf else ["fcn"])}
-    iterations = model.crf.num_iterations if is_crf and num_iterations is None else num_iterations
+    crf = model.crf if isinstance(model, CrfRnnNet) else None
+    matrices = {h: ConfusionMatrix(dataset.num_classes) for h in (["fcn", "crf"] if crf is not None else ["fcn"])}
+    iterations = 0  # (a plain FCN-8s has no CRF steps)
+    if crf is not None:
+        iterations = crf.num_iterations if num_iterations is None else num_iterations
     try:
         for index in (progress or _identity)(list(range(len(dataset)) if indices is None else indices)):
             image, label = dataset[index]
@@ -259,13 +261,13 @@ def model_confusion(
             label = label[None].to(device)
             unary = model.forward_fcn(x)
             matrices["fcn"].update(unary.argmax(1), label)
-            if is_crf:
-                saved = model.crf.num_iterations
-                model.crf.num_iterations = iterations
+            if crf is not None:
+                saved = crf.num_iterations
+                crf.num_iterations = iterations
                 try:
-                    out = model.crf(unary, x) if iterations > 0 else unary
+                    out = crf(unary, x) if iterations > 0 else unary
                 finally:
-                    model.crf.num_iterations = saved
+                    crf.num_iterations = saved
                 matrices["crf"].update(out.argmax(1), label)
     finally:
         model.train(was_training)

@@ -26,12 +26,19 @@ class OutputError(ValueError):
     """A target that cannot or must not be written (a ValueError: the CLI reports it in one line)."""
 
 
-_KINDS = [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+_KINDS = [
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+]
 
 
-def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
-                 suffixes: Iterable[str] | None = None) -> Path:
+def check_output(
+    path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), suffixes: Iterable[str] | None = None
+) -> Path:
     """Validate an output path before any work: returns it as a Path.
 
     Raises:
@@ -75,7 +82,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def remove_orphans(path: str | os.PathLike) -> int:
-    """Remove the temporary files (``.<name>.*.tmp``) that killed writes of ``path`` left beside it; returns how many."""
+    """Remove the temporary files (``.<name>.*.tmp``) that killed writes of ``path`` left beside it.
+
+    Returns:
+        How many were removed.
+    """
     path = Path(path)
     removed = 0
     for orphan in path.parent.glob(f".{path.name}.*.tmp"):
@@ -119,13 +130,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 
 def _is_no_space(error: BaseException) -> bool:
     """Whether an error (an OSError, or a library's own error wrapping one) comes from a full disk."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(error).lower()
+        text = str(current).lower()
         if "no space left" in text or "unexpected pos" in text or "disk quota" in text:
             return True
-        error = error.__cause__ or error.__context__
+        current = current.__cause__ or current.__context__
     return False

@@ -66,7 +66,7 @@ def voc_palette(num_entries: int = 256) -> np.ndarray:
 #: needs about 0.5 KB per pixel, so an 8000x8000 photo would need tens of gigabytes. Read from the file's header,
 #: before decoding. Change it with :func:`set_max_pixels` (``--max-pixels`` on the command line).
 DEFAULT_MAX_PIXELS = 4096 * 4096
-_MAX_PIXELS = [DEFAULT_MAX_PIXELS]
+_MAX_PIXELS: list[int | None] = [DEFAULT_MAX_PIXELS]
 
 
 def set_max_pixels(limit: int | None) -> int | None:
@@ -107,13 +107,17 @@ def opened_image(
             with Image.open(path) as im:
                 width, height = im.size
                 if limit is not None and width * height > limit:  # from the header: nothing decoded yet
-                    raise ValueError(f"{what} {path} is {width}x{height} ({width * height:,} pixels), more than the "
-                                     f"limit of {limit:,} (--max-pixels changes it)")
+                    raise ValueError(
+                        f"{what} {path} is {width}x{height} ({width * height:,} pixels), more than the "
+                        f"limit of {limit:,} (--max-pixels changes it)"
+                    )
                 im.load()
                 yield im
     except _BOMBS as exc:
-        raise ValueError(f"cannot read {what} {path}: it decodes to more pixels than Pillow allows, a possible "
-                         f"decompression bomb ({exc})") from None
+        raise ValueError(
+            f"cannot read {what} {path}: it decodes to more pixels than Pillow allows, a possible "
+            f"decompression bomb ({exc})"
+        ) from None
     except errors as exc:
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc
 
@@ -180,7 +184,9 @@ def save_label_map(labels: np.ndarray, path: str | os.PathLike) -> None:
     if labels.ndim != 2:
         raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(f"labels must lie in 0..255 to be written as a palette PNG, got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in 0..255 to be written as a palette PNG, got {labels.min()}..{labels.max()}"
+        )
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     im.putpalette(voc_palette().reshape(-1).tolist())
     _atomic_save(im, Path(path))
@@ -232,7 +238,9 @@ def overlay_labels(
         name = class_names[v] if v < len(class_names) else f"class_{v}"
         entries.append((v, f"{name} {100.0 * np.count_nonzero(labels == v) / total:.1f}%"))
     # lay the entries out in rows that fit the image width
-    rows, row, x = [], [], 4
+    rows: list[list[tuple[int, str, int]]] = []
+    row: list[tuple[int, str, int]] = []
+    x = 4
     for v, text in entries:
         w = 18 + int(font.getlength(text)) + 12
         if row and x + w > width:
@@ -247,8 +255,9 @@ def overlay_labels(
     for r, items in enumerate(rows):
         y = 2 + r * line
         for v, text, x0 in items:
-            draw.rectangle([x0, y + 2, x0 + 12, y + 13], fill=tuple(int(c) for c in palette[v % len(palette)]),
-                           outline=(0, 0, 0))
+            draw.rectangle(
+                [x0, y + 2, x0 + 12, y + 13], fill=tuple(int(c) for c in palette[v % len(palette)]), outline=(0, 0, 0)
+            )
             draw.text((x0 + 18, y + 2), text, fill=(0, 0, 0), font=font)
     return np.concatenate([out, np.asarray(legend)], axis=0)
 
@@ -326,18 +335,27 @@ class Annotation:
         if labels.size and int(labels.min()) < 0:
             raise ValueError(f"labels must be >= 0 to be written, got minimum {int(labels.min())}")
         if self.kind == "color":
-            if high >= len(self.class_colors):
-                raise ValueError(f"label {high} has no colour: the annotation defines {len(self.class_colors)} colours")
+            class_colors = self.class_colors
+            if class_colors is None:
+                raise ValueError("a 'color' annotation needs class_colors")
+            if high >= len(class_colors):
+                raise ValueError(f"label {high} has no colour: the annotation defines {len(class_colors)} colours")
             if self.mode == "P":
-                im = Image.fromarray(self.class_values[labels].astype(np.uint8), mode="P")
-                im.putpalette(self.palette.reshape(-1).tolist())
+                class_values, palette = self.class_values, self.palette
+                if class_values is None or palette is None:
+                    raise ValueError("a 'color' annotation of a palette file needs class_values and palette")
+                im = Image.fromarray(class_values[labels].astype(np.uint8), mode="P")
+                im.putpalette(palette.reshape(-1).tolist())
                 return im
-            return Image.fromarray(self.class_colors[labels])
+            return Image.fromarray(class_colors[labels])
         if self.mode == "P":
             if high > 255:
                 raise ValueError(f"label {high} does not fit a palette PNG (0..255)")
+            palette = self.palette
+            if palette is None:
+                raise ValueError("an annotation of a palette file needs its palette")
             im = Image.fromarray(labels.astype(np.uint8), mode="P")
-            im.putpalette(self.palette.reshape(-1).tolist())
+            im.putpalette(palette.reshape(-1).tolist())
             return im
         if self.mode == "L":
             if high > 255:
@@ -395,7 +413,7 @@ def read_annotation(path: str | os.PathLike, *, labels_as: str = "auto", unknown
         raise ValueError(f"label map {path} has unsupported mode {mode}")
     kind = labels_as
     if kind == "auto":
-        if mode == "P":
+        if palette is not None:  # mode "P"
             kind = "index" if _follows_index_palette(palette, np.unique(values)) else "color"
         elif mode in _INDEX_MODES:
             kind = "index"
@@ -425,15 +443,22 @@ def read_annotation(path: str | os.PathLike, *, labels_as: str = "auto", unknown
         )
     colors = np.stack([classes & 255, (classes >> 8) & 255, (classes >> 16) & 255], axis=1).astype(np.uint8)
     class_values = None
-    if mode == "P":
+    if palette is not None:  # mode "P"
         # the first palette index of each class colour, to write results back with the file's palette
         first = {}
         for index in np.unique(values)[::-1]:
             r, g, b = (int(x) for x in palette[index])
             first[r | (g << 8) | (b << 16)] = index
         class_values = np.array([first[int(c)] for c in classes], dtype=np.int64)
-    return Annotation(labels.astype(np.int64), -1 if has_unknown else None, "color", "P" if mode == "P" else "RGB",
-                      palette=palette, class_colors=colors, class_values=class_values)
+    return Annotation(
+        labels.astype(np.int64),
+        -1 if has_unknown else None,
+        "color",
+        "P" if mode == "P" else "RGB",
+        palette=palette,
+        class_colors=colors,
+        class_values=class_values,
+    )
 
 
 def save_annotation(annotation: Annotation, labels: np.ndarray, path: str | os.PathLike) -> None:
@@ -458,8 +483,13 @@ def read_probabilities(path: str | os.PathLike, image_size: tuple[int, int] | No
         with open(path, "rb") as f:
             magic = f.read(8)
         if not magic.startswith(b"\x93NUMPY"):
-            kind = "a PNG image" if magic.startswith(b"\x89PNG") else "an .npz archive" if magic.startswith(b"PK") \
+            kind = (
+                "a PNG image"
+                if magic.startswith(b"\x89PNG")
+                else "an .npz archive"
+                if magic.startswith(b"PK")
                 else "another format"
+            )
             raise ValueError(f"not a .npy array file (it is {kind}); probabilities are (C, H, W) .npy arrays")
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -481,9 +511,9 @@ def read_probabilities(path: str | os.PathLike, image_size: tuple[int, int] | No
         return h <= height and w <= width and (abs(h - height * w / width) <= 1 or abs(w - width * h / height) <= 1)
 
     for exact in (True, False):
-        if fits(*array.shape[1:], exact):
+        if fits(array.shape[1], array.shape[2], exact):
             return array
-        if fits(*array.shape[:2], exact):
+        if fits(array.shape[0], array.shape[1], exact):
             return np.moveaxis(array, 2, 0)
     raise ValueError(
         f"probabilities {path} of shape {array.shape} fit neither (C, H, W) nor (H, W, C) for the image's "

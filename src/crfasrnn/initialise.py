@@ -1,11 +1,13 @@
 """Initialising a network for training: from scratch, from ImageNet VGG-16 weights, or from earlier weights.
 
-* :func:`convert_torchvision_vgg16` maps a torchvision-layout VGG-16 state_dict (``features.N`` / ``classifier.N``)
-  onto FCN-8s names through a key table, reshaping the fully connected ``fc6`` to a 7×7 convolution and ``fc7`` to 1×1.
-* :func:`initialise_from_file` reads a training checkpoint, a torchvision VGG-16 file or anything
-  :func:`crfasrnn.weights.load_weights` reads, and copies what fits into the model. Layers whose size depends on the
-  class count (score layers, deconvolutions, CRF) are re-initialised when the file has another class count, and the
-  report says so.
+* :func:`he_initialise`: He-normal VGG/fc layers for training from scratch.
+* :func:`initialise_from_file` reads any file :func:`crfasrnn.weights.read_weights` reads (a training checkpoint, a
+  torchvision VGG-16 backbone, the published files, ours; the VGG-16 key table is
+  :data:`crfasrnn.weights.convert.VGG16_TORCHVISION_KEYS`) and copies what fits into the model. Layers whose size
+  depends on the class count (score layers, deconvolutions, CRF) are re-initialised when the file has another class
+  count, and the report says so.
+
+To build and load the network a file holds (for evaluation or inference), use :func:`crfasrnn.weights.load_model`.
 """
 
 from __future__ import annotations
@@ -13,82 +15,41 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .models import FCN8s, bilinear_kernel
+from .weights import read_weights
 
 __all__ = [
-    "VGG16_TORCHVISION_KEYS",
-    "convert_torchvision_vgg16",
     "he_initialise",
     "InitReport",
     "initialise_from_file",
     "read_state_dict",
-    "model_from_file",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: torchvision ``vgg16`` module prefix -> FCN-8s layer name. ``classifier.6`` (the 1000-way ImageNet classifier) has
-#: no counterpart and is dropped.
-VGG16_TORCHVISION_KEYS: dict[str, str] = {
-    "features.0": "conv1_1", "features.2": "conv1_2",
-    "features.5": "conv2_1", "features.7": "conv2_2",
-    "features.10": "conv3_1", "features.12": "conv3_2", "features.14": "conv3_3",
-    "features.17": "conv4_1", "features.19": "conv4_2", "features.21": "conv4_3",
-    "features.24": "conv5_1", "features.26": "conv5_2", "features.28": "conv5_3",
-    "classifier.0": "fc6", "classifier.3": "fc7",
-}  # fmt: skip
-_DROPPED = ("classifier.6.weight", "classifier.6.bias")
-
 #: Layers whose shapes depend on the class count.
 CLASS_LAYERS = ("score_fr", "score_pool3", "score_pool4", "upscore2", "upscore_pool4", "upscore8", "crf")
 
-
-def is_torchvision_vgg16(state_dict: dict) -> bool:
-    return "features.0.weight" in state_dict and "classifier.0.weight" in state_dict
-
-
-def convert_torchvision_vgg16(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a torchvision VGG-16 state_dict to FCN-8s keys; ``fc6`` becomes (out, in, 7, 7), ``fc7`` (out, in, 1, 1).
-
-    A pure function over :data:`VGG16_TORCHVISION_KEYS`.
-
-    Raises:
-        ValueError: a key of the table is missing, a key is unknown, or ``classifier.0`` does not reshape to 7×7.
-
-    Example:
-        >>> sd = {f"{k}.{p}": torch.zeros(1) for k in VGG16_TORCHVISION_KEYS for p in ("weight", "bias")}
-        >>> sd["classifier.0.weight"] = torch.zeros(8, 2 * 49)
-        >>> sd["classifier.3.weight"] = torch.zeros(8, 8)
-        >>> out = convert_torchvision_vgg16(sd)
-        >>> out["fc6.weight"].shape, out["fc7.weight"].shape, out["conv5_3.bias"].shape
-        (torch.Size([8, 2, 7, 7]), torch.Size([8, 8, 1, 1]), torch.Size([1]))
-    """
-    table = {f"{src}.{p}": f"{dst}.{p}" for src, dst in VGG16_TORCHVISION_KEYS.items() for p in ("weight", "bias")}
-    missing = sorted(set(table) - set(state_dict))
-    if missing:
-        raise ValueError(f"not a complete torchvision VGG-16 state_dict: missing {', '.join(missing[:5])}")
-    unknown = sorted(set(state_dict) - set(table) - set(_DROPPED))
-    if unknown:
-        raise ValueError(f"unexpected tensors in the VGG-16 state_dict: {', '.join(unknown[:5])}")
-    out = {dst: state_dict[src] for src, dst in table.items()}
-    fc6 = out["fc6.weight"]
-    if fc6.ndim != 2 or fc6.shape[1] % 49:
-        raise ValueError(f"classifier.0.weight must be (out, in·7·7) to become fc6, got {tuple(fc6.shape)}")
-    out["fc6.weight"] = fc6.reshape(fc6.shape[0], fc6.shape[1] // 49, 7, 7)
-    fc7 = out["fc7.weight"]
-    if fc7.ndim != 2:
-        raise ValueError(f"classifier.3.weight must be (out, in) to become fc7, got {tuple(fc7.shape)}")
-    out["fc7.weight"] = fc7.reshape(*fc7.shape, 1, 1)
-    return out
+#: Formats of :func:`crfasrnn.weights.read_weights` that :func:`read_state_dict` reports as kinds of their own.
+_KINDS = ("checkpoint", "torchvision-vgg16")
 
 
 def _backbone_layers(model: FCN8s) -> list[nn.Conv2d]:
-    return [m for name, m in model.named_children() if name.startswith("conv") or name in ("fc6", "fc7")]
+    """The VGG convolutions ``conv1_1`` … ``conv5_3`` and ``fc6``, ``fc7``, in order."""
+    return [
+        m
+        for name, m in model.named_children()
+        if (name.startswith("conv") or name in ("fc6", "fc7")) and isinstance(m, nn.Conv2d)
+    ]
+
+
+def _zero_bias(layer: nn.Conv2d | nn.ConvTranspose2d) -> None:
+    if layer.bias is not None:
+        layer.bias.zero_()
 
 
 @torch.no_grad()
@@ -100,21 +61,22 @@ def he_initialise(model: FCN8s, *, input_scale: float = 64.0) -> None:
     (mean-subtracted, standard deviation ≈ 64 on photos), so ``conv1_1`` is scaled down by ``input_scale`` = 64 to
     start every layer at unit scale (else the first steps' gradients are ~10⁴ times too large).
     """
-    for layer in _backbone_layers(model):
+    layers = _backbone_layers(model)
+    for layer in layers:
         nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(layer.bias)
-    model.conv1_1.weight.div_(input_scale)
+        _zero_bias(layer)
+    layers[0].weight.div_(input_scale)  # conv1_1
 
 
 @torch.no_grad()
 def reset_class_layers(model: FCN8s) -> None:
     """Score layers to zero, deconvolutions to bilinear upsampling, CRF to its initial values (the FCN recipe)."""
-    for layer in (model.score_fr, model.score_pool3, model.score_pool4):
-        layer.weight.zero_()
-        layer.bias.zero_()
-    for layer in (model.upscore2, model.upscore_pool4, model.upscore8):
-        layer.weight.copy_(bilinear_kernel(model.num_classes, layer.weight.shape[-1], dtype=layer.weight.dtype))
-    model.upscore2.bias.zero_()
+    for score in (model.score_fr, model.score_pool3, model.score_pool4):
+        score.weight.zero_()
+        _zero_bias(score)
+    for deconv in (model.upscore2, model.upscore_pool4, model.upscore8):
+        deconv.weight.copy_(bilinear_kernel(model.num_classes, deconv.weight.shape[-1], dtype=deconv.weight.dtype))
+    _zero_bias(model.upscore2)
     crf = getattr(model, "crf", None)
     if crf is not None:
         eye = torch.eye(model.num_classes, dtype=crf.compatibility.dtype, device=crf.compatibility.device)
@@ -135,38 +97,19 @@ class InitReport:
     ignored: list[str] = field(default_factory=list)
 
 
-def read_state_dict(
-    path: str | os.PathLike, *, num_classes_hint: int = 21, width_hint: float = 1.0
-) -> tuple[dict, str]:
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """Read weights from ``path`` as an FCN-8s / CRF-RNN state_dict in our key names, and say what the file was.
 
-    Kinds: ``"checkpoint"`` (written by ``crfasrnn train``), ``"torchvision-vgg16"``, ``"state_dict"`` (our own
-    key names), or whatever :func:`crfasrnn.weights.load_weights` reads (``"weights"``).
+    Any file :func:`crfasrnn.weights.read_weights` reads, class layers or not. Kinds: ``"checkpoint"`` (written by
+    ``crfasrnn train``), ``"torchvision-vgg16"`` (a backbone, converted to FCN-8s names), or ``"weights"`` (the
+    published files, ours, a plain state_dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        crfasrnn.weights.WeightsError: (a ``ValueError``) an unreadable file or one that holds no weights.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    obj = None
-    if path.suffix not in (".safetensors", ".caffemodel"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not a torch file: let load_weights try
-            obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "args" in obj:
-        return dict(obj["model"]), "checkpoint"
-    if isinstance(obj, dict) and is_torchvision_vgg16(obj):
-        return convert_torchvision_vgg16(obj), "torchvision-vgg16"
-    if isinstance(obj, dict) and "conv1_1.weight" in obj and not any(k.startswith("crfrnn.") for k in obj):
-        return dict(obj), "state_dict"
-    return _read_with_load_weights(path, num_classes_hint, width_hint), "weights"
-
-
-def _read_with_load_weights(path: Path, num_classes: int, width: float) -> dict:
-    """Any file :mod:`crfasrnn.weights` reads (Caffe, the port's .pth, our safetensors), converted to our keys."""
-    from .weights import read_weights
-
-    state, _ = read_weights(path)
-    return state
+    state, info = read_weights(path, allow_backbone=True)
+    return state, info.format if info.format in _KINDS else "weights"
 
 
 def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
@@ -179,7 +122,7 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
     Raises:
         ValueError: backbone tensors missing or of other shapes (e.g. another ``width``), or an unreadable file.
     """
-    state, kind = read_state_dict(path, num_classes_hint=model.num_classes, width_hint=model.width)
+    state, kind = read_state_dict(path)
     report = InitReport(source=str(path), kind=kind)
     own = model.state_dict()
     backbone = [k for k in own if k.split(".")[0] not in CLASS_LAYERS]
@@ -228,24 +171,3 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
         f", {len(report.ignored)} ignored ({', '.join(report.ignored[:4])})" if report.ignored else "",
     )  # fmt: skip
     return report
-
-
-def model_from_file(path: str | os.PathLike, *, num_iterations: int = 10) -> tuple[FCN8s, InitReport]:
-    """Build the network a weights file holds (FCN-8s or CRF-RNN; class count and width read from the tensors) and
-    load it, for evaluation. Training checkpoints, our state_dicts and anything ``load_weights`` reads are accepted."""
-    from .models import CrfRnnNet
-
-    state, kind = read_state_dict(path)
-    if "conv1_1.weight" not in state or "score_fr.weight" not in state:
-        raise ValueError(f"{path} ({kind}) holds no complete FCN-8s (no conv1_1 / score_fr tensors)")
-    num_classes = int(state["score_fr.weight"].shape[0])
-    width = state["conv1_1.weight"].shape[0] / 64
-    has_crf = any(k.startswith("crf.") for k in state)
-    model = CrfRnnNet(num_classes, num_iterations, width=width) if has_crf else FCN8s(num_classes, width=width)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise ValueError(f"{path} ({kind}) lacks tensors: {', '.join(result.missing_keys[:5])}")
-    report = InitReport(
-        source=str(path), kind=kind, loaded=list(model.state_dict()), ignored=list(result.unexpected_keys)
-    )
-    return model, report

@@ -1,7 +1,7 @@
 """The CRF-RNN network: FCN-8s (Long, Shelhamer and Darrell, CVPR 2015) with a :class:`~crfasrnn.crf.CrfRnn` on top.
 
-The layer names and shapes are those of the PyTorch port (``sadeepj/crfasrnn_pytorch``, SPEC §6.1-6.2), so that its
-backbone's state_dict keys equal ours; the CRF's parameters are ours (``crf.spatial_weights``,
+The layer names and shapes are those of the PyTorch port (``sadeepj/crfasrnn_pytorch``, docs/reference.md §6.1-6.2), so
+that its backbone's state_dict keys equal ours; the CRF's parameters are ours (``crf.spatial_weights``,
 ``crf.bilateral_weights``, ``crf.compatibility``, Caffe/paper sign). :mod:`crfasrnn.weights` reads the published files.
 
 This module knows nothing about files: it only builds the networks.
@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_same_device, check_tensor, require
 from .crf import CrfRnn
 
 __all__ = ["FCN8s", "CrfRnnNet", "bilinear_kernel", "CROP_OFFSETS"]
 
-#: Crop offsets of FCN-8s (score_pool4, score_pool3, upscore8), as Caffe's Crop layer derives them (SPEC §6.1).
+#: Crop offsets of FCN-8s (score_pool4, score_pool3, upscore8), as Caffe's Crop layer derives them
+#: (docs/reference.md §6.1).
 CROP_OFFSETS = (5, 9, 31)
 
 # (name, output channels at width 1) of the VGG-16 convolutions; a None entry is a 2×2 ceil-mode max-pool.
@@ -33,14 +35,14 @@ _VGG16 = (
 
 
 def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
+    return max(1, round(channels * width))
 
 
 def bilinear_kernel(channels: int, kernel_size: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """A (C, C, k, k) transposed-convolution weight that upsamples each channel bilinearly (zero between channels).
 
-    The FCN initialisation of the deconvolutions (SPEC §6.1): ``factor = (k + 1) // 2``, centre ``factor - 0.5`` for
-    even k (``factor - 1`` for odd k), ``filt[i, j] = (1 - |i - c| / factor) (1 - |j - c| / factor)``.
+    The FCN initialisation of the deconvolutions (docs/reference.md §6.1): ``factor = (k + 1) // 2``, centre ``factor -
+    0.5`` for even k (``factor - 1`` for odd k), ``filt[i, j] = (1 - |i - c| / factor) (1 - |j - c| / factor)``.
 
     Example:
         >>> bilinear_kernel(1, 4)[0, 0, 0]
@@ -58,20 +60,14 @@ def bilinear_kernel(channels: int, kernel_size: int, *, dtype=torch.float32, dev
 
 
 def _check_input(x: torch.Tensor, device: torch.device) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"x must be a (B, 3, H, W) preprocessed image batch, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor (preprocessed, mean-subtracted BGR), got dtype {x.dtype}")
-    if min(x.shape) < 1:
-        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"x is on {x.device} but the model's parameters are on {device}")
+    layout = "a (B, 3, H, W) preprocessed image batch (mean-subtracted BGR)"
+    check_tensor("x", x, layout=layout, ndim=4, kind="floating")
+    require(x.shape[1] == 3, f"x must be {layout}, got shape {tuple(x.shape)}")
+    check_same_device("x", x, "the model's parameters", device)
 
 
 class FCN8s(nn.Module):
-    """FCN-8s over VGG-16, as in the CRF-RNN references (SPEC §6.1).
+    """FCN-8s over VGG-16, as in the CRF-RNN references (docs/reference.md §6.1).
 
     ``conv1_1`` pads by 100, the max-pools use ``ceil_mode=True``, ``fc6``/``fc7`` are convolutions (7×7 and 1×1), and
     the three score maps are fused with the fixed crop offsets 5, 9 and 31 (no score scaling: the original FCN-8s, not
@@ -137,12 +133,14 @@ class FCN8s(nn.Module):
 
     @torch.no_grad()
     def _init_heads(self) -> None:
-        for layer in (self.score_fr, self.score_pool3, self.score_pool4):
-            layer.weight.zero_()
-            layer.bias.zero_()
-        self.upscore2.bias.zero_()
-        for layer in (self.upscore2, self.upscore_pool4, self.upscore8):
-            w = layer.weight
+        for score in (self.score_fr, self.score_pool3, self.score_pool4):
+            nn.init.zeros_(score.weight)
+            if score.bias is not None:  # (always: the score layers have biases)
+                nn.init.zeros_(score.bias)
+        if self.upscore2.bias is not None:
+            nn.init.zeros_(self.upscore2.bias)
+        for deconv in (self.upscore2, self.upscore_pool4, self.upscore8):
+            w = deconv.weight
             w.copy_(bilinear_kernel(self.num_classes, w.shape[-1], dtype=w.dtype, device=w.device))
 
     def forward_fcn(self, x: torch.Tensor) -> torch.Tensor:

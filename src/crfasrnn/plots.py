@@ -1,7 +1,7 @@
 """Figures of training and evaluation: loss and mIoU curves, per-class IoU bars (matplotlib, Agg back end).
 
-matplotlib is an optional dependency (``pip install crfasrnn[train]``); these functions raise ``RuntimeError`` with
-that hint when it is missing. Files are written atomically.
+matplotlib is an optional dependency (``pip install crfasrnn[train]``); these functions raise
+``crfasrnn.errors.MissingDependencyError`` with that hint when it is missing. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from .evaluate import SegmentationMetrics
 
 __all__ = ["plot_curves", "bar_chart_iou"]
 
@@ -19,7 +25,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise RuntimeError("plots need matplotlib: pip install 'crfasrnn[train]'") from exc
+        raise MissingDependencyError("plots need matplotlib: pip install 'crfasrnn[train]'") from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -59,7 +65,7 @@ def plot_curves(records: Sequence[Mapping], path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-def bar_chart_iou(runs: Mapping[str, object], path: str | os.PathLike) -> None:
+def bar_chart_iou(runs: Mapping[str, SegmentationMetrics], path: str | os.PathLike) -> None:
     """Per-class IoU bars; ``runs`` maps a label to a :class:`~crfasrnn.evaluate.SegmentationMetrics`."""
     plt = _pyplot()
     runs = dict(runs)

@@ -28,8 +28,8 @@ bilateral_weight=10, gt_prob=0.7)``:
 
 The features are densecrf's, ``(x/θγ, y/θγ)`` and ``(x/θα, y/θα, r/θβ, g/θβ, b/θβ)`` with colours in 0..255. One
 difference remains: densecrf normalises its kernels symmetrically by default (``NORMALIZE_SYMMETRIC``), CRF-RNN per
-pixel (``1 / (K·1)``). On the classic dense-CRF examples (Krähenbühl's program, as shipped with pydensecrf) the refined labels
-agree with the original outputs on 99.6 % of the pixels (``tests/test_refine_cli.py``).
+pixel (``1 / (K·1)``). On the classic dense-CRF examples (Krähenbühl's program, as shipped with pydensecrf) the refined
+labels agree with the original outputs on 99.6 % of the pixels (``tests/test_refine_cli.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from .crf import crf_rnn
+from .errors import InputTypeError
 
-__all__ = ["refine", "unary_from_labels", "unary_from_probs", "check_parameters"]
+__all__ = ["check_parameters", "infer_num_classes", "refine", "unary_from_labels", "unary_from_probs"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,9 @@ def unary_from_labels(
 
 def _check_labels(labels: Any, num_classes: int, unknown_label: int | None) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise InputTypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {tuple(labels.shape)})")
+        raise InputTypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {tuple(labels.shape)})")
     if labels.ndim not in (2, 3):
         raise ValueError(f"labels must be (H, W) or (B, H, W), got shape {tuple(labels.shape)}")
     labels = labels.long()
@@ -152,9 +153,9 @@ def unary_from_probs(
                 [[0.1000, 0.8000]]])
     """
     if not isinstance(probs, torch.Tensor):
-        raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
+        raise InputTypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
     if not probs.is_floating_point():
-        raise TypeError(f"probs must be floating point, got dtype {probs.dtype} (shape {tuple(probs.shape)})")
+        raise InputTypeError(f"probs must be floating point, got dtype {probs.dtype} (shape {tuple(probs.shape)})")
     if probs.ndim not in (3, 4):
         raise ValueError(f"probs must be (C, H, W) or (B, C, H, W), got shape {tuple(probs.shape)}")
     if probs.numel() == 0:
@@ -178,14 +179,14 @@ def unary_from_probs(
                 "pass normalize=True (--normalize) to rescale them"
             )
     if size is not None and tuple(probs.shape[-2:]) != tuple(size):
-        probs = _upsample(probs, tuple(size))
+        probs = _upsample(probs, (int(size[0]), int(size[1])))
     return probs.clamp_min(clip).log()
 
 
 def _upsample(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     h, w = probs.shape[-2:]
     height, width = size
-    if h > height or w > width or abs(h - height * w / width) > 1.0 and abs(w - width * h / height) > 1.0:
+    if h > height or w > width or (abs(h - height * w / width) > 1.0 and abs(w - width * h / height) > 1.0):
         raise ValueError(
             f"probs of size {h}x{w} (HxW) do not match the image's {height}x{width}: they must have its size, "
             "or a lower resolution with its aspect ratio"
@@ -237,12 +238,12 @@ def _image_batch(image: Any) -> torch.Tensor:
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise TypeError(f"image must be uint8 RGB (0..255), got dtype {image.dtype} (shape {image.shape})")
+            raise InputTypeError(f"image must be uint8 RGB (0..255), got dtype {image.dtype} (shape {image.shape})")
         image = torch.from_numpy(_writable(image))
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a PIL image, a numpy array or a torch.Tensor, got {type(image).__name__}")
+        raise InputTypeError(f"image must be a PIL image, a numpy array or a torch.Tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8:
-        raise TypeError(f"image must be uint8 RGB (0..255), got dtype {image.dtype} (shape {tuple(image.shape)})")
+        raise InputTypeError(f"image must be uint8 RGB (0..255), got dtype {image.dtype} (shape {tuple(image.shape)})")
     if image.ndim not in (3, 4) or image.shape[-1] != 3 or 0 in image.shape:
         raise ValueError(f"image must be (H, W, 3) or (B, H, W, 3) RGB, got shape {tuple(image.shape)}")
     return image if image.ndim == 4 else image[None]
@@ -259,9 +260,9 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray):
         if value.dtype == object:
-            raise TypeError(f"{name} must be a numeric array, got dtype object")
+            raise InputTypeError(f"{name} must be a numeric array, got dtype object")
         return torch.from_numpy(_writable(value))
-    raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
+    raise InputTypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
 
 
 def refine(
@@ -337,9 +338,16 @@ def refine(
     """
     if (probs is None) == (labels is None):
         raise ValueError("give exactly one of probs and labels")
-    check_parameters(num_iterations=num_iterations, theta_alpha=theta_alpha, theta_beta=theta_beta,
-                     theta_gamma=theta_gamma, spatial_weight=spatial_weight, bilateral_weight=bilateral_weight,
-                     gt_prob=gt_prob, num_classes=num_classes)
+    check_parameters(
+        num_iterations=num_iterations,
+        theta_alpha=theta_alpha,
+        theta_beta=theta_beta,
+        theta_gamma=theta_gamma,
+        spatial_weight=spatial_weight,
+        bilateral_weight=bilateral_weight,
+        gt_prob=gt_prob,
+        num_classes=num_classes,
+    )
     as_torch = any(isinstance(x, torch.Tensor) for x in (image, probs, labels))
     frames = _image_batch(image)
     batch, height, width, _ = frames.shape
@@ -365,7 +373,7 @@ def refine(
             )
         single = labels.ndim == 2
         if num_classes is None:
-            num_classes = _infer_num_classes(labels, unknown_label)
+            num_classes = infer_num_classes(labels, unknown_label)
         unary = unary_from_labels(labels.to(device), num_classes, gt_prob=gt_prob, unknown_label=unknown_label)
     if single:
         unary = unary[None]
@@ -378,8 +386,15 @@ def refine(
     logger.debug("refining %d image(s) of %dx%d with %d classes", batch, width, height, num_classes)
     with torch.no_grad():
         scores = crf_rnn(
-            unary, colours, spatial_weight * eye, bilateral_weight * eye, -eye,
-            num_iterations=int(num_iterations), theta_alpha=theta_alpha, theta_beta=theta_beta, theta_gamma=theta_gamma,
+            unary,
+            colours,
+            spatial_weight * eye,
+            bilateral_weight * eye,
+            -eye,
+            num_iterations=int(num_iterations),
+            theta_alpha=theta_alpha,
+            theta_beta=theta_beta,
+            theta_gamma=theta_gamma,
             backend=backend,
         )
     out_labels = scores.argmax(dim=1)
@@ -389,14 +404,21 @@ def refine(
         out_labels = out_labels[0]
         out_probs = None if out_probs is None else out_probs[0]
     if not as_torch:
-        out_labels = out_labels.cpu().numpy()
-        out_probs = None if out_probs is None else out_probs.cpu().numpy()
+        labels_array = out_labels.cpu().numpy()
+        probs_array = None if out_probs is None else out_probs.cpu().numpy()
+        return (labels_array, probs_array) if return_probs else labels_array
     return (out_labels, out_probs) if return_probs else out_labels
 
 
-def _infer_num_classes(labels: torch.Tensor, unknown_label: int | None) -> int:
+def infer_num_classes(labels: torch.Tensor, unknown_label: int | None) -> int:
+    """The class count a label map implies: its largest known label + 1 (at least 2).
+
+    Example:
+        >>> infer_num_classes(torch.tensor([[0, 3], [255, 1]]), unknown_label=255)
+        4
+    """
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {tuple(labels.shape)})")
+        raise InputTypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {tuple(labels.shape)})")
     known = labels[labels != unknown_label] if unknown_label is not None else labels.reshape(-1)
     if known.numel() == 0:
         raise ValueError("labels hold no known pixel: give num_classes, or a map with at least one labelled pixel")

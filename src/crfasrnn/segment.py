@@ -1,18 +1,17 @@
 """Semantic segmentation of photos with the trained CRF-RNN network: one image, or many files to a folder.
 
-The pipeline is the reference demo's (SPEC §5): resize so the longer side is at most 500, subtract the RGB mean and
-flip to BGR, zero-pad to 500×500, run the network, argmax, crop the padding away, resize the label map back to the
-photo's size (nearest neighbour). Files are written atomically (temporary name, then rename).
+The pipeline is the reference demo's (docs/reference.md §5): resize so the longer side is at most 500, subtract the
+RGB mean and flip to BGR, zero-pad to 500×500, run the network, argmax, crop the padding away, resize the label map back
+to the photo's size (nearest neighbour). Files are written atomically (temporary name, then rename).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +23,12 @@ from .transforms import NETWORK_SIZE, VOC_MEAN_RGB, postprocess, prepare
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "SegmentResult",
     "segment_image",
     "class_shares",
-    "expand_inputs",
-    "output_names",
-    "shard",
-    "distributed_rank",
     "check_writable_folder",
     "segment_file",
 ]
-
-#: File suffixes taken from a folder (a glob or an explicit path may name any image file).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
 @torch.no_grad()
@@ -92,90 +83,6 @@ def class_shares(labels: np.ndarray, class_names: Sequence[str]) -> list[tuple[i
         for v, c in zip(values, counts)
     ]
     return sorted(out, key=lambda t: (-t[2], t[0]))
-
-
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image paths from paths, folders (their image files, sorted, not recursive) and glob patterns, in order.
-
-    Duplicates are kept once. An explicit path that does not exist is kept (reading it reports the error), a folder
-    or pattern that matches no image raises.
-
-    Raises:
-        ValueError: a folder or pattern without images, or no inputs at all.
-    """
-    out: list[Path] = []
-    for item in inputs:
-        text = str(item)
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-        elif glob.has_magic(text) and not path.exists():
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            if not found:
-                raise ValueError(f"no files match {text}")
-        else:
-            found = [path]
-        out.extend(found)
-    if not out:
-        raise ValueError("no input images given")
-    seen: set[Path] = set()
-    unique = []
-    for p in out:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
-
-
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """Output base names: the file's stem, made unique with ``_2``, ``_3``… where stems repeat.
-
-    Example:
-        >>> output_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg")])
-        ['x', 'x_2', 'y']
-    """
-    counts: dict[str, int] = {}
-    taken = {p.stem for p in paths}
-    names = []
-    for p in paths:
-        n = counts.get(p.stem, 0) + 1
-        counts[p.stem] = n
-        name = p.stem if n == 1 else f"{p.stem}_{n}"
-        while n > 1 and name in taken:
-            n += 1
-            name = f"{p.stem}_{n}"
-        taken.add(name)
-        names.append(name)
-    return names
-
-
-def distributed_rank() -> tuple[int, int]:
-    """``(rank, world_size)`` from the ``RANK`` and ``WORLD_SIZE`` variables torchrun sets; ``(0, 1)`` without them.
-
-    Raises:
-        ValueError: malformed values.
-    """
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as exc:
-        raise ValueError(f"RANK / WORLD_SIZE must be integers: {exc}") from exc
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 <= RANK < WORLD_SIZE, got RANK={rank} WORLD_SIZE={world}")
-    return rank, world
-
-
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """The items process ``rank`` of ``world_size`` takes: every ``world_size``-th from ``rank`` (balanced).
-
-    Example:
-        >>> [shard(range(7), r, 3) for r in range(3)]
-        [[0, 3, 6], [1, 4], [2, 5]]
-    """
-    return list(items)[rank::world_size]
 
 
 def check_writable_folder(folder: str | os.PathLike) -> Path:
@@ -233,7 +140,7 @@ def segment_file(
     overlay_path = out_dir / f"{name}_overlay.png" if overlay else None
     picture = overlay_labels(photo, labels, class_names) if overlay else None
     save_label_map(labels, label_path)
-    if overlay_path is not None:
+    if overlay_path is not None and picture is not None:  # both or neither: set when overlay is asked for
         try:
             save_image(picture, overlay_path)
         except BaseException:

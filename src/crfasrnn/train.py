@@ -30,10 +30,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from . import distributed as dist_utils
 from .checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EvalTransform, SegmentationDataset, TrainTransform, open_dataset, preprocess_batch
 from .data.datasets import IGNORE_INDEX
+from .errors import MissingDependencyError, TrainingDivergedError
 from .evaluate import SegmentationMetrics, model_confusion, segmentation_metrics
 from .files import remove_orphans
 from .initialise import he_initialise, initialise_from_file
@@ -290,13 +291,21 @@ def _plot(records: list[dict], path: Path) -> None:
         from .plots import plot_curves
 
         plot_curves(records, path)
-    except RuntimeError as exc:  # matplotlib missing
+    except MissingDependencyError as exc:  # matplotlib missing
         logger.warning("no %s: %s", path.name, exc)
+
+
+class _ProgressBar(Protocol):
+    """What :func:`train` uses of a progress bar (``tqdm.tqdm`` has it)."""
+
+    def update(self, n: int = 1) -> Any: ...
+    def set_postfix(self, *args: Any, **kwargs: Any) -> Any: ...
+    def close(self) -> Any: ...
 
 
 class _NoProgress:
     def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, *args, **kwargs) -> None: ...
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None: ...
     def close(self) -> None: ...
 
 
@@ -323,7 +332,7 @@ def train(
     return result
 
 
-def _batches(loader: DataLoader):
+def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Iterate ``loader``; an error in a worker process comes back as the original one-line error."""
     iterator = iter(loader)
     while True:
@@ -341,32 +350,151 @@ def _batches(loader: DataLoader):
         yield batch
 
 
-def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device, progress) -> TrainResult:
-    out = Path(config.out)
-    checkpoint_path = out / CHECKPOINT_NAME
-    records_path = out / "metrics.jsonl"
-    train_set, val_set = _load_datasets(config)
-    num_classes = train_set.num_classes
+@dataclass
+class _Run:
+    """One training run's state on this process: what it trains and with what, and how far it has got."""
 
+    config: TrainConfig
+    info: dist_utils.DistInfo
+    device: torch.device
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset | None
+    model: FCN8s
+    ddp_model: nn.Module  # ``model`` itself in a single process
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: dist_utils.ShardSampler
+    epoch_sum: torch.Tensor  # (summed loss, pixels) of the current epoch, over all processes
+    step: int = 0  # optimizer steps taken
+    records: list[dict[str, Any]] = field(default_factory=list)
+    loss_value: float = float("nan")  # the last step's loss
+    val: dict[str, SegmentationMetrics] = field(default_factory=dict)  # the last validation
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    @property
+    def records_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def last_step(self) -> int:
+        """Where this run stops: the end of the last epoch, or ``max_steps`` before it."""
+        max_steps = self.config.max_steps
+        return min(self.total_steps, max_steps) if max_steps is not None else self.total_steps
+
+
+@dataclass
+class _Throughput:
+    """Images per second (over all processes) since the start of an epoch's steps."""
+
+    started: float = field(default_factory=time.perf_counter)
+    seen: int = 0
+
+    def rate(self) -> float:
+        return self.seen / max(time.perf_counter() - self.started, 1e-9)
+
+
+def _train(
+    config: TrainConfig, info: dist_utils.DistInfo, device: torch.device, progress: Callable[..., Any] | None
+) -> TrainResult:
+    """:func:`train` once the process group is up: set up, run the epochs, write the final weights, report."""
+    run = _setup(config, info, device)
+    _prepare_out(run)
+    logger.info(
+        "stage %s: %d training samples, %d steps per epoch (batch %d x %d processes), %d epochs, device %s",
+        config.stage, len(run.train_set), run.steps_per_epoch, config.batch_size, info.world_size, config.epochs,
+        device,
+    )  # fmt: skip
+    bar = _progress_bar(run, progress)
+    try:
+        while run.step < run.last_step:
+            throughput = _run_epoch(run, bar)
+            if run.step % run.steps_per_epoch == 0:  # a completed epoch
+                _finish_epoch(run, throughput)
+            elif run.step == run.last_step:  # stopped by max_steps inside an epoch
+                _checkpoint(run)
+    finally:
+        bar.close()
+    _save_final_weights(run)
+    return _result(run)
+
+
+def _setup(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device) -> _Run:
+    """Datasets, model, optimizer, schedule and sampler; the state of the run resumed, if ``config.resume``."""
+    train_set, val_set = _load_datasets(config)
     torch.manual_seed(config.seed)
-    model = build_model(config.stage, num_classes, width=config.width, num_iterations=config.num_iterations_train)
-    checkpoint = None
-    if config.resume:
-        if not checkpoint_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        checkpoint = load_checkpoint(checkpoint_path)
-        saved = checkpoint["args"]
-        for key in ("stage", "width", "batch_size", "epochs", "seed", "train_split", "crop_size"):
-            if saved.get(key) != getattr(config, key):
-                raise ValueError(
-                    f"--resume: {checkpoint_path} was written with {key}={saved.get(key)!r}, "
-                    f"now {getattr(config, key)!r}"
-                )
-        if checkpoint.get("world_size", 1) != info.world_size:
+    model = build_model(
+        config.stage, train_set.num_classes, width=config.width, num_iterations=config.num_iterations_train
+    )
+    checkpoint_path = Path(config.out) / CHECKPOINT_NAME
+    checkpoint = _resume_checkpoint(checkpoint_path, config, info) if config.resume else None
+    _initialise_model(model, config, checkpoint)
+    model.to(device)
+    optimizer = _optimizer(model, config)
+    sampler = dist_utils.ShardSampler(
+        len(train_set), batch_size=config.batch_size, rank=info.rank, world_size=info.world_size, seed=config.seed
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, sampler.steps_per_epoch))
+    run = _Run(
+        config=config,
+        info=info,
+        device=device,
+        train_set=train_set,
+        val_set=val_set,
+        model=model,
+        ddp_model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        epoch_sum=torch.zeros(2, dtype=torch.float64, device=device),
+    )
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    else:
+        torch.manual_seed(config.seed + info.rank)  # dropout masks differ between processes, like their data
+    if info.enabled:
+        run.ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return run
+
+
+def _resume_checkpoint(path: Path, config: TrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
+    """``last.pt`` to resume from, after checking it was written by a run that ``config`` continues."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["args"]
+    for key in ("stage", "width", "batch_size", "epochs", "seed", "train_split", "crop_size"):
+        if saved.get(key) != getattr(config, key):
             raise ValueError(
-                f"--resume: {checkpoint_path} was written by {checkpoint.get('world_size', 1)} processes, now "
-                f"{info.world_size}: the order of the samples would change"
+                f"--resume: {path} was written with {key}={saved.get(key)!r}, now {getattr(config, key)!r}"
             )
+    if checkpoint.get("world_size", 1) != info.world_size:
+        raise ValueError(
+            f"--resume: {path} was written by {checkpoint.get('world_size', 1)} processes, now "
+            f"{info.world_size}: the order of the samples would change"
+        )
+    return checkpoint
+
+
+def _initialise_model(model: FCN8s, config: TrainConfig, checkpoint: dict[str, Any] | None) -> None:
+    """The model's starting weights (the checkpoint resumed, ``config.init``, or He-random) and its dropout."""
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     elif config.init:
         initialise_from_file(model, config.init)
@@ -375,199 +503,229 @@ def _train(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device,
         logger.info("no init file: backbone initialised randomly (He normal), score layers zero, upsampling bilinear")
     if config.dropout is not None:
         _set_dropout(model, config.dropout)
-    model.to(device)
-    groups = parameter_groups(model, config)
-    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def _optimizer(model: FCN8s, config: TrainConfig) -> torch.optim.SGD:
+    """SGD over :func:`parameter_groups`, each group at ``lr_mult · lr`` (its schedule's starting rate)."""
+    lr = config.lr
+    if lr is None:
+        raise ValueError("TrainConfig.lr is unset: call TrainConfig.validate() first")
+    optimizer = torch.optim.SGD(parameter_groups(model, config), lr=lr, momentum=config.momentum)
     for group in optimizer.param_groups:
-        group["lr"] = config.lr * group["lr_mult"]
+        group["lr"] = lr * group["lr_mult"]
         group["initial_lr"] = group["lr"]
+    return optimizer
 
-    sampler = dist_utils.ShardSampler(
-        len(train_set), batch_size=config.batch_size, rank=info.rank, world_size=info.world_size, seed=config.seed
+
+def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
+    """Continue where ``checkpoint`` stopped: optimizer, schedule, step, RNG states, records, the epoch's loss."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.step = int(checkpoint["step"])
+    rng = checkpoint["rng"]
+    set_rng_state(rng[run.info.rank] if run.info.rank < len(rng) else rng[0])
+    run.records = [r for r in _read_records(run.records_path) if r.get("step", 0) <= run.step]
+    logger.info("resumed from %s at step %d (epoch %d)", run.checkpoint_path, run.step, run.step // run.steps_per_epoch)
+    if run.step % run.steps_per_epoch:  # resumed inside an epoch
+        run.epoch_sum += checkpoint["epoch_loss"].to(run.device)
+
+
+def _prepare_out(run: _Run) -> None:
+    """Rank 0: the output folder, without an earlier run's unfinished files, with ``config.json`` and the records."""
+    if not run.info.is_main:
+        return
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    removed = remove_orphans(run.checkpoint_path)  # what a kill during an earlier run's write left
+    if removed:
+        logger.info("removed %d unfinished checkpoint file(s) of an earlier run in %s", removed, out)
+    atomic_write_bytes(json.dumps(run.config.to_dict(), indent=2).encode(), out / "config.json")
+    _write_records(run.records_path, run.records)
+
+
+def _progress_bar(run: _Run, progress: Callable[..., Any] | None) -> _ProgressBar:
+    """Rank 0's bar from ``progress`` (none without it, and on the other ranks)."""
+    if not run.info.is_main or progress is None:
+        return _NoProgress()
+    bar: _ProgressBar = progress(total=run.last_step, initial=run.step, desc=f"train {run.config.stage}")
+    return bar
+
+
+def _epoch_loader(run: _Run, epoch: int, skip: int) -> DataLoader:
+    """The loader of ``epoch``'s batches after its first ``skip`` (its augmentations and order seeded by epoch)."""
+    config = run.config
+    run.train_set.set_epoch(epoch)
+    run.sampler.set_epoch(epoch, skip_batches=skip)
+    return DataLoader(
+        run.train_set,
+        batch_size=config.batch_size,
+        sampler=run.sampler,
+        num_workers=config.workers,
+        drop_last=True,
+        pin_memory=run.device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),
     )
-    steps_per_epoch = sampler.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch))
 
-    step = 0
-    records: list[dict] = []
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        step = int(checkpoint["step"])
-        set_rng_state(checkpoint["rng"][info.rank] if info.rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
-        records = [r for r in _read_records(records_path) if r.get("step", 0) <= step]
-        logger.info("resumed from %s at step %d (epoch %d)", checkpoint_path, step, step // steps_per_epoch)
-    else:
-        torch.manual_seed(config.seed + info.rank)  # dropout masks differ between processes, like their data
 
-    ddp_model: nn.Module = model
-    if info.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+def _run_epoch(run: _Run, bar: _ProgressBar) -> _Throughput:
+    """Train from ``run.step`` to the end of its epoch (or to ``last_step``); returns the epoch's throughput."""
+    config = run.config
+    epoch = run.step // run.steps_per_epoch
+    skip = run.step - epoch * run.steps_per_epoch
+    loader = _epoch_loader(run, epoch, skip)
+    _train_mode(run.model, config.stage)
+    if skip == 0:
+        run.epoch_sum.zero_()
+    throughput = _Throughput()
+    for images, labels in _batches(loader):
+        _train_step(run, images, labels)
+        throughput.seen += images.shape[0] * run.info.world_size  # global images: equal batches on every process
+        rate = throughput.rate()
+        bar.update(1)
+        bar.set_postfix(loss=f"{run.loss_value:.4f}", img_s=f"{rate:.1f}", epoch=epoch + 1)
+        _record_step(run, epoch)
+        end_of_epoch = run.step % run.steps_per_epoch == 0
+        if (config.checkpoint_every and run.step % config.checkpoint_every == 0) and not end_of_epoch:
+            _checkpoint(run)
+        if end_of_epoch or run.step == run.last_step:
+            break
+    return throughput
+
+
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One optimizer step on a batch; adds its loss to ``run.epoch_sum`` and sets ``run.loss_value``."""
+    config, device = run.config, run.device
+    x = preprocess_batch(images.to(device, non_blocking=True))
+    labels = labels.to(device, non_blocking=True)
+    loss_sum, count = _loss_sum(run.ddp_model(x), labels)
+    totals = torch.stack([loss_sum.detach().double(), count.double()])
+    dist_utils.all_reduce_sum(totals)
+    if totals[1] == 0:
+        raise ValueError(f"step {run.step}: every pixel of the batch is ignored (255)")
+    # mean over the global batch's valid pixels; DDP averages gradients over processes, hence × world
+    (loss_sum * (run.info.world_size / totals[1].float())).backward()
+    if config.clip_grad_norm:
+        nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.step += 1
+    run.epoch_sum += totals
+    run.loss_value = float(totals[0] / totals[1])
+    if not math.isfinite(run.loss_value):
+        raise TrainingDivergedError(
+            f"the loss became {run.loss_value} at step {run.step}; lower --lr or the CRF multipliers"
         )
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        removed = remove_orphans(out / CHECKPOINT_NAME)  # what a kill during an earlier run's write left
-        if removed:
-            logger.info("removed %d unfinished checkpoint file(s) of an earlier run in %s", removed, out)
-        atomic_write_bytes(json.dumps(config.to_dict(), indent=2).encode(), out / "config.json")
-        _write_records(records_path, records)
-    total_steps = config.epochs * steps_per_epoch
-    last_step = min(total_steps, config.max_steps) if config.max_steps is not None else total_steps
-    logger.info(
-        "stage %s: %d training samples, %d steps per epoch (batch %d x %d processes), %d epochs, device %s",
-        config.stage, len(train_set), steps_per_epoch, config.batch_size, info.world_size, config.epochs, device,
+
+
+def _record_step(run: _Run, epoch: int) -> None:
+    """Append the step's record every ``log_every`` steps and at the last step."""
+    if run.step % run.config.log_every == 0 or run.step == run.last_step:
+        run.records.append(
+            {
+                "kind": "step",
+                "step": run.step,
+                "epoch": epoch,
+                "loss": run.loss_value,
+                "lr": run.optimizer.param_groups[0]["lr"],
+            }
+        )
+
+
+def _finish_epoch(run: _Run, throughput: _Throughput) -> None:
+    """After a completed epoch: validate, append the epoch's record, checkpoint, write the records and curves."""
+    record: dict[str, Any] = {
+        "kind": "epoch",
+        "epoch": run.step // run.steps_per_epoch,
+        "step": run.step,
+        "train_loss": float(run.epoch_sum[0] / run.epoch_sum[1]),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_s": throughput.rate(),
+    }
+    if run.val_set is not None:
+        record.update(_validate_epoch(run, run.val_set))
+        logger.info(
+            "epoch %d: loss %.4f, val mIoU %.2f %%", record["epoch"], record["train_loss"], 100 * record["val_miou"]
+        )
+    run.records.append(record)
+    _checkpoint(run, plot=True)
+
+
+def _validate_epoch(run: _Run, val_set: SegmentationDataset) -> dict[str, float]:
+    """Validate the model (kept in ``run.val``); the epoch record's validation entries."""
+    config, info = run.config, run.info
+    run.val = validate(
+        run.model, val_set, device=run.device, num_iterations=config.num_iterations_test,
+        rank=info.rank, world_size=info.world_size,
     )  # fmt: skip
+    main = run.val.get("crf", run.val["fcn"])
+    entries = {"val_miou": main.mean_iou, "val_pixel_accuracy": main.pixel_accuracy}
+    if "crf" in run.val:
+        entries["val_miou_fcn"] = run.val["fcn"].mean_iou
+    return entries
 
-    epoch_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, pixels) of the current epoch
-    if checkpoint is not None and step % steps_per_epoch:
-        epoch_sum += checkpoint["epoch_loss"].to(device)
 
-    def save() -> None:
-        rng = [rng_state()]
-        if info.enabled:
-            gathered: list[Any] = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
-        if info.is_main:
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": step // steps_per_epoch,
-                    "step": step,
-                    "epoch_loss": epoch_sum.cpu(),
-                    "world_size": info.world_size,
-                    "rng": rng,
-                    "args": config.to_dict(),
-                    "num_classes": num_classes,
-                    "class_names": train_set.class_names,
-                },
-                checkpoint_path,
-            )
+def _checkpoint(run: _Run, *, plot: bool = False) -> None:
+    """Save ``last.pt`` (every process takes part), then on rank 0 write the records (and, if ``plot``, the curves)."""
+    _save_checkpoint(run)
+    if run.info.is_main:
+        _write_records(run.records_path, run.records)
+        if plot:
+            _plot(run.records, run.out / "curves.png")
 
-    bar = (
-        (progress or (lambda **_: _NoProgress()))(total=last_step, initial=step, desc=f"train {config.stage}")
-        if info.is_main
-        else _NoProgress()
-    )
-    val: dict[str, SegmentationMetrics] = {}
-    loss_value = float("nan")
-    try:
-        while step < last_step:
-            epoch = step // steps_per_epoch
-            skip = step - epoch * steps_per_epoch
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch, skip_batches=skip)
-            loader = DataLoader(
-                train_set,
-                batch_size=config.batch_size,
-                sampler=sampler,
-                num_workers=config.workers,
-                drop_last=True,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(config.seed),
-            )
-            _train_mode(model, config.stage)
-            if skip == 0:
-                epoch_sum.zero_()
-            started = time.perf_counter()
-            seen = 0
-            for images, labels in _batches(loader):
-                x = preprocess_batch(images.to(device, non_blocking=True))
-                labels = labels.to(device, non_blocking=True)
-                loss_sum, count = _loss_sum(ddp_model(x), labels)
-                totals = torch.stack([loss_sum.detach().double(), count.double()])
-                dist_utils.all_reduce_sum(totals)
-                if totals[1] == 0:
-                    raise ValueError(f"step {step}: every pixel of the batch is ignored (255)")
-                # mean over the global batch's valid pixels; DDP averages gradients over processes, hence × world
-                (loss_sum * (info.world_size / totals[1].float())).backward()
-                if config.clip_grad_norm:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                seen += images.shape[0] * info.world_size
-                epoch_sum += totals
-                loss_value = float(totals[0] / totals[1])
-                if not math.isfinite(loss_value):
-                    raise RuntimeError(
-                        f"the loss became {loss_value} at step {step}; lower --lr or the CRF multipliers"
-                    )
-                rate = seen / max(time.perf_counter() - started, 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}", epoch=epoch + 1)
-                if step % config.log_every == 0 or step == last_step:
-                    records.append(
-                        {
-                            "kind": "step",
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": loss_value,
-                            "lr": optimizer.param_groups[0]["lr"],
-                        }
-                    )
-                end_of_epoch = step % steps_per_epoch == 0
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) and not end_of_epoch:
-                    save()
-                    if info.is_main:
-                        _write_records(records_path, records)
-                if end_of_epoch or step == last_step:
-                    break
-            if step % steps_per_epoch == 0:  # a completed epoch
-                record = {
-                    "kind": "epoch",
-                    "epoch": step // steps_per_epoch,
-                    "step": step,
-                    "train_loss": float(epoch_sum[0] / epoch_sum[1]),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": seen / max(time.perf_counter() - started, 1e-9),
-                }
-                if val_set is not None:
-                    val = validate(
-                        model, val_set, device=device, num_iterations=config.num_iterations_test,
-                        rank=info.rank, world_size=info.world_size,
-                    )  # fmt: skip
-                    main = val.get("crf", val["fcn"])
-                    record.update(val_miou=main.mean_iou, val_pixel_accuracy=main.pixel_accuracy)
-                    if "crf" in val:
-                        record["val_miou_fcn"] = val["fcn"].mean_iou
-                    logger.info(
-                        "epoch %d: loss %.4f, val mIoU %.2f %%",
-                        record["epoch"],
-                        record["train_loss"],
-                        100 * main.mean_iou,
-                    )
-                records.append(record)
-                save()
-                if info.is_main:
-                    _write_records(records_path, records)
-                    _plot(records, out / "curves.png")
-            elif step == last_step:  # stopped by max_steps inside an epoch
-                save()
-                if info.is_main:
-                    _write_records(records_path, records)
-    finally:
-        bar.close()
-    if info.is_main and isinstance(model, CrfRnnNet) and step == total_steps:
-        from .weights import save_weights
 
-        model.crf.num_iterations = config.num_iterations_test
-        save_weights(
-            model,
-            out / "model.safetensors",
-            metadata={"classes": train_set.class_names, "trained_on": str(config.data), "stage": config.stage},
+def _save_checkpoint(run: _Run) -> None:
+    """Gather every process's RNG states; rank 0 writes them with the model, optimizer and schedule to ``last.pt``."""
+    info = run.info
+    rng: list[Any] = [rng_state()]
+    if info.enabled:
+        gathered: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if info.is_main:
+        save_checkpoint(
+            {
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "epoch": run.step // run.steps_per_epoch,
+                "step": run.step,
+                "epoch_loss": run.epoch_sum.cpu(),
+                "world_size": info.world_size,
+                "rng": rng,
+                "args": run.config.to_dict(),
+                "num_classes": run.train_set.num_classes,
+                "class_names": run.train_set.class_names,
+            },
+            run.checkpoint_path,
         )
-        model.crf.num_iterations = config.num_iterations_train
-        logger.info("wrote %s", out / "model.safetensors")
+
+
+def _save_final_weights(run: _Run) -> None:
+    """Rank 0, stages crf / joint, once every epoch is done: ``model.safetensors`` (test-time mean-field steps)."""
+    model, config = run.model, run.config
+    if not (run.info.is_main and isinstance(model, CrfRnnNet) and run.step == run.total_steps):
+        return
+    from .weights import save_weights
+
+    path = run.out / "model.safetensors"
+    model.crf.num_iterations = config.num_iterations_test
+    save_weights(
+        model,
+        path,
+        metadata={"classes": run.train_set.class_names, "trained_on": str(config.data), "stage": config.stage},
+    )
+    model.crf.num_iterations = config.num_iterations_train
+    logger.info("wrote %s", path)
+
+
+def _result(run: _Run) -> TrainResult:
+    """What :func:`train` returns: the checkpoint, how far training got, the last loss and validation, the records."""
     return TrainResult(
-        checkpoint=checkpoint_path,
-        epochs=step // steps_per_epoch,
-        steps=step,
-        final_loss=loss_value,
-        val=val,
-        records=records,
+        checkpoint=run.checkpoint_path,
+        epochs=run.step // run.steps_per_epoch,
+        steps=run.step,
+        final_loss=run.loss_value,
+        val=run.val,
+        records=run.records,
     )

@@ -1,4 +1,5 @@
-"""Pre- and postprocessing of the published CRF-RNN model (SPEC §5): resize, mean subtraction + BGR, padding, argmax.
+"""Pre- and postprocessing of the published CRF-RNN model (docs/reference.md §5): resize, mean subtraction + BGR,
+padding, argmax.
 
 Images as arrays are (H, W, 3) uint8 RGB; the network's input is the (3, H, W) float32 tensor the reference demos
 prepare: the RGB mean subtracted, then the channels flipped to BGR, zero-padded at the bottom and right.
@@ -11,6 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+
+from .errors import InputTypeError
 
 __all__ = [
     "VOC_CLASSES",
@@ -47,11 +50,11 @@ def check_rgb_image(image: np.ndarray, name: str = "image") -> np.ndarray:
         ValueError: wrong shape or empty.
     """
     if isinstance(image, torch.Tensor) or not isinstance(image, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
+        raise InputTypeError(f"{name} must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{name} must be (H, W, 3) RGB, got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise TypeError(f"{name} must be uint8 (0..255), got dtype {image.dtype} (shape {image.shape})")
+        raise InputTypeError(f"{name} must be uint8 (0..255), got dtype {image.dtype} (shape {image.shape})")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{name} must not be empty, got shape {image.shape}")
     return image
@@ -79,7 +82,8 @@ def resize_longest_side(image: np.ndarray, max_size: int = NETWORK_SIZE, *, upsc
         return image
     ratio = min(max_size / w, max_size / h)
     size = (max(1, int(w * ratio)), max(1, int(h * ratio)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    # Pillow sets its filter constants with setattr(): its annotations lack them
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))  # type: ignore[attr-defined]
 
 
 def preprocess(image: np.ndarray, *, mean_rgb=VOC_MEAN_RGB) -> torch.Tensor:
@@ -120,7 +124,11 @@ class Prepared(NamedTuple):
 
 
 def prepare(
-    image: np.ndarray, *, max_size: int = NETWORK_SIZE, upscale: bool = False, pad: bool = True,
+    image: np.ndarray,
+    *,
+    max_size: int = NETWORK_SIZE,
+    upscale: bool = False,
+    pad: bool = True,
     mean_rgb=VOC_MEAN_RGB,
 ) -> Prepared:
     """Resize, preprocess and (optionally) zero-pad to ``max_size`` × ``max_size``: the reference demo's input.
@@ -168,5 +176,6 @@ def postprocess(logits: torch.Tensor, resized_size, original_size) -> np.ndarray
     labels = labels_from_logits(logits)[:h, :w].to(torch.uint8).cpu().numpy()
     height, width = int(original_size[0]), int(original_size[1])
     if (height, width) != (h, w):
-        labels = np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))
+        # Pillow sets its filter constants with setattr(): its annotations lack them
+        labels = np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))  # type: ignore[attr-defined]
     return labels

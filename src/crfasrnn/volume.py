@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import per_axis
+from .engine import Normalization, per_axis
+from .errors import InputTypeError, MissingDependencyError
 from .files import OutputError, atomic_write, check_output
-from .refine import PROB_CLIP, SUM_TOLERANCE, _infer_num_classes, check_parameters, unary_from_labels
+from .refine import PROB_CLIP, SUM_TOLERANCE, check_parameters, infer_num_classes, unary_from_labels
 
 __all__ = [
     "MAX_CHANNELS",
@@ -149,7 +150,9 @@ def _nibabel():
     try:
         import nibabel
     except ImportError:
-        raise RuntimeError(f"reading and writing NIfTI files (.nii, .nii.gz) needs nibabel: {_NIFTI_HINT}") from None
+        raise MissingDependencyError(
+            f"reading and writing NIfTI files (.nii, .nii.gz) needs nibabel: {_NIFTI_HINT}"
+        ) from None
     return nibabel
 
 
@@ -169,8 +172,9 @@ def _load(path: Path, what: str) -> tuple[np.ndarray, Any]:
             array = np.load(path, allow_pickle=False)
         except ValueError as exc:
             if "allow_pickle" in str(exc):
-                raise TypeError(f"{what} {path} has dtype object (pickled Python objects): a volume must be a "
-                                "numeric array") from None
+                raise InputTypeError(
+                    f"{what} {path} has dtype object (pickled Python objects): a volume must be a numeric array"
+                ) from None
             raise ValueError(f"cannot read {what} {path}: {exc}") from None
         except (OSError, EOFError) as exc:
             raise ValueError(f"cannot read {what} {path}: {exc}") from None
@@ -218,7 +222,7 @@ def _header_spacing(path: Path, image: Any) -> tuple[float, ...]:
     """
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as f:
             head = f.read(540)
         for order in "<>":
             size = struct.unpack(f"{order}i", head[:4])[0]
@@ -236,14 +240,14 @@ def _check_dtype(array: np.ndarray, what: str, allowed: str) -> None:
     dtype = array.dtype
     where = f"{what} (shape {array.shape})"
     if dtype.hasobject or dtype.kind in "OVSUMm":
-        raise TypeError(f"{where} has dtype {dtype}: a numeric array is needed")
+        raise InputTypeError(f"{where} has dtype {dtype}: a numeric array is needed")
     if dtype.kind == "c":
-        raise TypeError(f"{where} is complex ({dtype}): a real-valued array is needed")
+        raise InputTypeError(f"{where} is complex ({dtype}): a real-valued array is needed")
     if allowed == "integer" and dtype.kind not in "iu":
         hint = " (round and convert them, e.g. with .astype(np.int32))" if dtype.kind == "f" else ""
-        raise TypeError(f"{where} has dtype {dtype}: labels must be integers{hint}")
+        raise InputTypeError(f"{where} has dtype {dtype}: labels must be integers{hint}")
     if allowed == "floating" and dtype.kind != "f":
-        raise TypeError(f"{where} has dtype {dtype}: probabilities must be floating point")
+        raise InputTypeError(f"{where} has dtype {dtype}: probabilities must be floating point")
 
 
 def _native(array: np.ndarray, dtype=None) -> np.ndarray:
@@ -260,14 +264,18 @@ def _check_volume_array(array: np.ndarray, what: str) -> np.ndarray:
     if 0 in array.shape:
         raise ValueError(f"{what} is empty (shape {array.shape})")
     if array.ndim == 4 and array.shape[3] > MAX_CHANNELS:
-        raise ValueError(f"{what} of shape {array.shape} has {array.shape[3]} channels on its last axis, more than "
-                         f"{MAX_CHANNELS}: a volume is (D, H, W) or (D, H, W, channels)")
+        raise ValueError(
+            f"{what} of shape {array.shape} has {array.shape[3]} channels on its last axis, more than "
+            f"{MAX_CHANNELS}: a volume is (D, H, W) or (D, H, W, channels)"
+        )
     _check_dtype(array, what, "numeric")
     out = _native(array, np.float32)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
-        raise ValueError(f"{what} of shape {array.shape} contains NaN or Inf ({bad} values"
-                         f"{', after conversion to float32' if np.isfinite(array).all() else ''})")
+        raise ValueError(
+            f"{what} of shape {array.shape} contains NaN or Inf ({bad} values"
+            f"{', after conversion to float32' if np.isfinite(array).all() else ''})"
+        )
     return out
 
 
@@ -290,11 +298,15 @@ def read_volume(path: str | os.PathLike) -> Volume:
     array, image = _load(path, "volume")
     what = f"volume {path}"
     if image is not None and array.ndim < 3:
-        raise ValueError(f"{what} is a {array.ndim}-D NIfTI image (shape {array.shape}): a volume needs three spatial "
-                         "axes (refine 2-D images as PNG)")
+        raise ValueError(
+            f"{what} is a {array.ndim}-D NIfTI image (shape {array.shape}): a volume needs three spatial "
+            "axes (refine 2-D images as PNG)"
+        )
     if image is None and array.ndim == 2:
-        raise ValueError(f"{what} is a 2-D array (shape {array.shape}): .npy volumes are (D, H, W) or (D, H, W, "
-                         "channels) (refine 2-D images as PNG)")
+        raise ValueError(
+            f"{what} is a 2-D array (shape {array.shape}): .npy volumes are (D, H, W) or (D, H, W, "
+            "channels) (refine 2-D images as PNG)"
+        )
     data = _check_volume_array(array, what)
     spacing = None if image is None else _header_spacing(path, image)
     return Volume(data, path, spacing, image)
@@ -372,14 +384,17 @@ def _unary_from_probs(probs: np.ndarray, normalize: bool) -> torch.Tensor:
     sums = probs.sum(axis=0, keepdims=True, dtype=np.float64)
     if normalize:
         if (sums <= 0).any():
-            raise ValueError(f"probabilities of shape {probs.shape} have voxels whose probabilities are all 0: "
-                             "cannot normalise them")
+            raise ValueError(
+                f"probabilities of shape {probs.shape} have voxels whose probabilities are all 0: cannot normalise them"
+            )
         probs = (probs / sums).astype(np.float32)
     else:
         worst = float(np.abs(sums - 1).max())
         if worst > SUM_TOLERANCE:
-            raise ValueError(f"probabilities of shape {probs.shape} do not sum to 1 over the class axis (off by up "
-                             f"to {worst:.3g}); pass normalize=True (--normalize) to rescale them")
+            raise ValueError(
+                f"probabilities of shape {probs.shape} do not sum to 1 over the class axis (off by up "
+                f"to {worst:.3g}); pass normalize=True (--normalize) to rescale them"
+            )
     return torch.from_numpy(np.ascontiguousarray(probs)).clamp_min(PROB_CLIP).log()[None]
 
 
@@ -388,21 +403,30 @@ class _SourceError(ValueError):
 
 
 def _unary(
-    volume_shape: tuple[int, ...], labels: Any, probs: Any, *, num_classes: int | None, gt_prob: float,
-    unknown_label: int | None, normalize: bool,
+    volume_shape: tuple[int, ...],
+    labels: Any,
+    probs: Any,
+    *,
+    num_classes: int | None,
+    gt_prob: float,
+    unknown_label: int | None,
+    normalize: bool,
 ) -> torch.Tensor:
     """The (1, C, D, H, W) unary scores of labels or probabilities, checked against the volume's shape."""
     shape = tuple(volume_shape[:3])
     if probs is not None:
         probs = _numpy("probs", probs)
         if probs.ndim != 4 or tuple(probs.shape[1:]) != shape:
-            raise ValueError(f"probabilities of shape {probs.shape} do not match the volume of shape "
-                             f"{tuple(volume_shape)}: they must be (C, {', '.join(map(str, shape))})")
+            raise ValueError(
+                f"probabilities of shape {probs.shape} do not match the volume of shape "
+                f"{tuple(volume_shape)}: they must be (C, {', '.join(map(str, shape))})"
+            )
         _check_dtype(probs, "probabilities", "floating")
         unary = _unary_from_probs(_native(probs, np.float32), normalize)
         if num_classes is not None and num_classes != unary.shape[1]:
-            raise ValueError(f"num_classes={num_classes} but the probabilities have {unary.shape[1]} classes "
-                             f"(shape {probs.shape})")
+            raise ValueError(
+                f"num_classes={num_classes} but the probabilities have {unary.shape[1]} classes (shape {probs.shape})"
+            )
         return unary
     labels = _numpy("labels", labels)
     if tuple(labels.shape) != shape:
@@ -410,7 +434,7 @@ def _unary(
     _check_dtype(labels, "labels", "integer")
     labels = torch.from_numpy(_native(labels, np.int64))
     if num_classes is None:
-        num_classes = _infer_num_classes(labels, unknown_label)
+        num_classes = infer_num_classes(labels, unknown_label)
     # pydensecrf's unary, voxel by voxel: the 2-D function over the D slices as a batch, (D, C, H, W) -> (C, D, H, W)
     unary = unary_from_labels(labels, num_classes, gt_prob=gt_prob, unknown_label=unknown_label)
     return unary.transpose(0, 1).contiguous()[None]
@@ -432,7 +456,7 @@ def refine_volume(
     gt_prob: float = 0.7,
     unknown_label: int | None = None,
     normalize: bool = False,
-    normalization: str = "symmetric",
+    normalization: Normalization = "symmetric",
     device: str | torch.device | None = None,
     backend: str = "auto",
 ) -> np.ndarray:
@@ -482,8 +506,13 @@ def refine_volume(
     """
     if (probs is None) == (labels is None):
         raise ValueError("give exactly one of labels and probs")
-    check_parameters(num_iterations=num_iterations, spatial_weight=spatial_weight, bilateral_weight=bilateral_weight,
-                     gt_prob=gt_prob, num_classes=num_classes)
+    check_parameters(
+        num_iterations=num_iterations,
+        spatial_weight=spatial_weight,
+        bilateral_weight=bilateral_weight,
+        gt_prob=gt_prob,
+        num_classes=num_classes,
+    )
     volume = _check_volume_array(_numpy("volume", volume), "volume")
     shape = volume.shape[:3]
     channels = volume.shape[3] if volume.ndim == 4 else 1
@@ -496,8 +525,15 @@ def refine_volume(
         raise ValueError(f"device {device} was asked for, but this torch has no CUDA device available")
 
     try:
-        unary = _unary(volume.shape, labels, probs, num_classes=num_classes, gt_prob=gt_prob,
-                       unknown_label=unknown_label, normalize=normalize)
+        unary = _unary(
+            volume.shape,
+            labels,
+            probs,
+            num_classes=num_classes,
+            gt_prob=gt_prob,
+            unknown_label=unknown_label,
+            normalize=normalize,
+        )
     except ValueError as exc:
         raise _SourceError(str(exc)) from None
     num_classes = unary.shape[1]
@@ -506,14 +542,27 @@ def refine_volume(
 
     guide = torch.from_numpy(volume.reshape(*shape, channels)).permute(3, 0, 1, 2)[None]
     guide = guide - guide.amin(dim=(2, 3, 4), keepdim=True)
-    crf = DenseCRF(num_classes, [
-        GaussianKernel(positions=theta_gamma, weight=float(spatial_weight), normalization=normalization),
-        GaussianKernel(positions=theta_alpha, guide=theta_beta, weight=float(bilateral_weight),
-                       normalization=normalization),
-    ], num_iterations=int(num_iterations), unary_kind="scores", learnable=False, backend=backend,
-        compact=True).to(device)  # compact lattices: volumes are large
-    logger.debug("refining a %s volume (%d channel(s), spacing %s) with %d classes", "x".join(map(str, shape)),
-                 channels, spacing, num_classes)
+    crf = DenseCRF(
+        num_classes,
+        [
+            GaussianKernel(positions=theta_gamma, weight=float(spatial_weight), normalization=normalization),
+            GaussianKernel(
+                positions=theta_alpha, guide=theta_beta, weight=float(bilateral_weight), normalization=normalization
+            ),
+        ],
+        num_iterations=int(num_iterations),
+        unary_kind="scores",
+        learnable=False,
+        backend=backend,
+        compact=True,
+    ).to(device)  # compact lattices: volumes are large
+    logger.debug(
+        "refining a %s volume (%d channel(s), spacing %s) with %d classes",
+        "x".join(map(str, shape)),
+        channels,
+        spacing,
+        num_classes,
+    )
     with torch.no_grad():
         scores = crf(unary.to(device), guide.contiguous().to(device), spacing=spacing)
     # numpy's argmax over the leading class axis is several times faster than torch's on the CPU
@@ -525,7 +574,7 @@ def _numpy(name: str, value: Any) -> np.ndarray:
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         return value
-    raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
+    raise InputTypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(value).__name__}")
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------
@@ -561,6 +610,7 @@ def save_labels(
     dtype = label_dtype(num_classes)
     labels = np.ascontiguousarray(labels.astype(dtype, copy=False))
     if kind == "npy":
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
                 np.save(f, labels, allow_pickle=False)
@@ -620,11 +670,15 @@ class VolumeRefinement:
     def summary(self) -> str:
         """One line for the command line."""
         spacing = "x".join(f"{s:g}" for s in self.spacing)
-        line = (f"wrote {self.output} ({'x'.join(map(str, self.shape))} voxels, spacing {spacing}, "
-                f"{self.num_classes} classes, {self.seconds:.2f} s)")
+        line = (
+            f"wrote {self.output} ({'x'.join(map(str, self.shape))} voxels, spacing {spacing}, "
+            f"{self.num_classes} classes, {self.seconds:.2f} s)"
+        )
         if self.labelled or self.unknown:
-            line += (f": changed the label of {self.changed} of {self.labelled} labelled voxels and labelled "
-                     f"{self.unknown} unknown voxels")
+            line += (
+                f": changed the label of {self.changed} of {self.labelled} labelled voxels and labelled "
+                f"{self.unknown} unknown voxels"
+            )
         return line
 
 
@@ -636,7 +690,7 @@ def default_output(volume: str | os.PathLike) -> Path:
         ('brain_refined.nii.gz', 'ct_refined.npy')
     """
     path = Path(volume)
-    ending = path.name[len(_stem(path)):]
+    ending = path.name[len(_stem(path)) :]
     return Path(f"{_stem(path)}_refined{ending}")
 
 
@@ -668,10 +722,11 @@ def refine_volume_file(
     Raises:
         FileNotFoundError, ValueError, TypeError, RuntimeError: see :func:`read_volume` and :func:`refine_volume`.
     """
-    if (labels is None) == (probs is None):
+    source_file = labels if labels is not None else probs
+    if source_file is None or (labels is not None and probs is not None):
         raise ValueError("give exactly one of labels and probs")
     volume_path = Path(volume)
-    source = Path(labels if labels is not None else probs)
+    source = Path(source_file)
     kind = volume_format(volume_path)
     if kind is None:
         raise ValueError(f"volume {volume_path} is neither a .npy array nor a NIfTI image (.nii, .nii.gz)")
@@ -679,24 +734,31 @@ def refine_volume_file(
         spacing = per_axis("spacing", spacing, 3, hint=" (--spacing A B C, in array-axis order)")
     out = Path(output) if output is not None else default_output(volume_path)
     if out.is_dir():
-        out = out / f"{_stem(volume_path)}{volume_path.name[len(_stem(volume_path)):]}"
+        out = out / f"{_stem(volume_path)}{volume_path.name[len(_stem(volume_path)) :]}"
     _check_target(out, kind, (volume_path, source))
 
     vol = read_volume(volume_path)
     given = read_labels(source) if labels is not None else read_probabilities(source)
     if given.spatial_shape != vol.data.shape[:3]:
         what = "labels" if labels is not None else "probabilities"
-        raise ValueError(f"{what} {source} of shape {given.data.shape if given.image is None else given.image.shape} "
-                         f"do not match the volume {volume_path} of shape "
-                         f"{vol.data.shape if vol.image is None else vol.image.shape}: the spatial shapes "
-                         f"{given.spatial_shape} and {vol.data.shape[:3]} differ")
-    if vol.image is not None and given.image is not None and not np.allclose(vol.image.affine, given.image.affine,
-                                                                            atol=1e-3):
+        raise ValueError(
+            f"{what} {source} of shape {given.data.shape if given.image is None else given.image.shape} "
+            f"do not match the volume {volume_path} of shape "
+            f"{vol.data.shape if vol.image is None else vol.image.shape}: the spatial shapes "
+            f"{given.spatial_shape} and {vol.data.shape[:3]} differ"
+        )
+    if (
+        vol.image is not None
+        and given.image is not None
+        and not np.allclose(vol.image.affine, given.image.affine, atol=1e-3)
+    ):
         logger.warning("%s and %s have different affines: they are combined voxel by voxel", volume_path, source)
     if spacing is None and vol.spacing is not None:
         if not all(math.isfinite(v) and v > 0 for v in vol.spacing):
-            raise ValueError(f"volume {volume_path} has the voxel spacing {vol.spacing} in its header (pixdim): a "
-                             "spacing must be finite and > 0; give the right one with --spacing A B C")
+            raise ValueError(
+                f"volume {volume_path} has the voxel spacing {vol.spacing} in its header (pixdim): a "
+                "spacing must be finite and > 0; give the right one with --spacing A B C"
+            )
         spacing = vol.spacing
     spacing = spacing or (1.0, 1.0, 1.0)
 
@@ -706,7 +768,7 @@ def refine_volume_file(
     try:
         if labels is not None:
             if num_classes is None:
-                num_classes = _infer_num_classes(torch.from_numpy(given.data), unknown_label)
+                num_classes = infer_num_classes(torch.from_numpy(given.data), unknown_label)
             refined = refine_volume(vol.data, labels=given.data, spacing=spacing, num_classes=num_classes, **options)
         else:
             num_classes = given.data.shape[0] if num_classes is None else num_classes
@@ -719,7 +781,9 @@ def refine_volume_file(
     if labels is not None:
         coarse = given.data
         known = coarse != unknown_label if unknown_label is not None else coarse >= 0
-        counts = {"changed": int((refined[known] != coarse[known]).sum()), "labelled": int(known.sum()),
-                  "unknown": int((~known).sum())}
-    return VolumeRefinement(out, tuple(vol.data.shape[:3]), tuple(spacing), int(num_classes), seconds=seconds,
-                            **counts)
+        counts = {
+            "changed": int((refined[known] != coarse[known]).sum()),
+            "labelled": int(known.sum()),
+            "unknown": int((~known).sum()),
+        }
+    return VolumeRefinement(out, tuple(vol.data.shape[:3]), tuple(spacing), int(num_classes), seconds=seconds, **counts)

@@ -88,7 +88,7 @@ def test_missing_split_and_files_are_clear_errors(voc, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(voc, copy)
     (copy / "SegmentationClass/train_0003.png").unlink()
-    with pytest.raises(FileNotFoundError, match="1 files listed .* missing, e.g. .*train_0003.png"):
+    with pytest.raises(FileNotFoundError, match=r"1 files listed .* missing, e.g. .*train_0003.png"):
         open_dataset(copy, "train")
 
 
@@ -105,7 +105,7 @@ def test_folder_layout_matched_by_stem(tmp_path):
     assert isinstance(ds, FolderSegmentation) and ds.ids == ["a", "b"] and ds.class_names[2] == "class_2"
     np.testing.assert_array_equal(ds[1][1].numpy(), read_label_map(masks / "b.png"))
     Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(images / "c.jpg")
-    with pytest.raises(FileNotFoundError, match="1 images .* have no label map .* e.g. c"):
+    with pytest.raises(FileNotFoundError, match=r"1 images .* have no label map .* e.g. c"):
         open_dataset(tmp_path, "train", num_classes=3)
 
 
@@ -122,7 +122,7 @@ def test_bad_labels_are_errors(tmp_path):
     with pytest.raises(ValueError, match="is a RGB image; expected a palette"):
         ds[0]
     save_label_map(np.zeros((4, 6)), masks / "x.png")
-    with pytest.raises(ValueError, match="is 5x4 but its label map .* is 6x4"):
+    with pytest.raises(ValueError, match=r"is 5x4 but its label map .* is 6x4"):
         ds[0]
 
 

@@ -48,15 +48,24 @@ def _build(kind: str, norm: str, form: str, backend: str = "auto"):
         d = dcrf.DenseCRF2D(w, h, TOOL.LABELS, backend=backend)
         d.setUnaryEnergy(image_unary)
         d.addPairwiseGaussian(sxy=(3, 2), compat=3 * scale, kernel=kernel, normalization=code)
-        d.addPairwiseBilateral(sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=compat[form] * scale,
-                               kernel=kernel, normalization=code)
+        d.addPairwiseBilateral(
+            sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=compat[form] * scale, kernel=kernel, normalization=code
+        )
         return d
     d = dcrf.DenseCRF(int(np.prod(TOOL.VOLUME)), TOOL.LABELS, backend=backend)
     d.setUnaryEnergy(volume_unary)
-    d.addPairwiseEnergy(utils.create_pairwise_gaussian((2.0, 3.0, 3.0), TOOL.VOLUME), compat=2 * scale,
-                        kernel=kernel, normalization=code)
-    d.addPairwiseEnergy(utils.create_pairwise_bilateral((3.0, 5.0, 5.0), (10.0,), volume, chdim=-1),
-                        compat=compat[form] * scale, kernel=kernel, normalization=code)
+    d.addPairwiseEnergy(
+        utils.create_pairwise_gaussian((2.0, 3.0, 3.0), TOOL.VOLUME),
+        compat=2 * scale,
+        kernel=kernel,
+        normalization=code,
+    )
+    d.addPairwiseEnergy(
+        utils.create_pairwise_bilateral((3.0, 5.0, 5.0), (10.0,), volume, chdim=-1),
+        compat=compat[form] * scale,
+        kernel=kernel,
+        normalization=code,
+    )
     return d
 
 
@@ -85,8 +94,7 @@ def test_utils_match_pydensecrf(cases):
     image = TOOL.inputs()[0]
     got = {
         "utils_labels_unsure": utils.unary_from_labels(labels, TOOL.LABELS, gt_prob=0.7, zero_unsure=True),
-        "utils_labels_sure": utils.unary_from_labels(labels % TOOL.LABELS, TOOL.LABELS, gt_prob=0.6,
-                                                     zero_unsure=False),
+        "utils_labels_sure": utils.unary_from_labels(labels % TOOL.LABELS, TOOL.LABELS, gt_prob=0.6, zero_unsure=False),
         "utils_softmax": utils.unary_from_softmax(probs),
         "utils_softmax_scaled": utils.unary_from_softmax(probs, scale=0.8, clip=1e-3),
         "utils_gaussian": utils.create_pairwise_gaussian((2.0, 3.0, 3.0), TOOL.VOLUME),
@@ -100,11 +108,11 @@ def test_utils_match_pydensecrf(cases):
 
 def test_deprecated_aliases_warn_and_compute_the_same():
     labels = np.array([[0, 1], [2, 1]])
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(DeprecationWarning, match="compute_unary is deprecated, use unary_from_labels"):
         old = utils.compute_unary(labels, 2, GT_PROB=0.6)
     np.testing.assert_array_equal(old, utils.unary_from_labels(labels, 2, 0.6))
     probs = np.array([[0.2, 0.9], [0.8, 0.1]])
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(DeprecationWarning, match="softmax_to_unary is deprecated, use unary_from_softmax"):
         old = utils.softmax_to_unary(probs, GT_PROB=0.5)
     np.testing.assert_array_equal(old, utils.unary_from_softmax(probs, scale=0.5, clip=None))
 
@@ -170,10 +178,14 @@ def test_set_unary_forms_agree():
         (lambda d: d.addPairwiseGaussian(sxy=3, compat=np.ones((2, 2, 2))), "dimension >2"),
         (lambda d: d.addPairwiseGaussian(sxy=3, compat=3, normalization=7), "normalization"),
         (lambda d: d.addPairwiseGaussian(sxy=3, compat=3, kernel=5), "kernel"),
-        (lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.zeros((4, 3, 3), np.uint8), compat=3),
-         r"Bad shape for pairwise bilateral \(Need \(3, 4, 3\)"),
-        (lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.zeros((3, 4, 1), np.uint8), compat=3),
-         "only works for RGB"),
+        (
+            lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.zeros((4, 3, 3), np.uint8), compat=3),
+            r"Bad shape for pairwise bilateral \(Need \(3, 4, 3\)",
+        ),
+        (
+            lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.zeros((3, 4, 1), np.uint8), compat=3),
+            "only works for RGB",
+        ),
         (lambda d: d.addPairwiseEnergy(np.zeros((2, 11), np.float32), compat=3), r"Need \(\?, 12\)"),
         (lambda d: d.addPairwiseEnergy(np.full((2, 12), np.inf, np.float32), compat=3), "NaN or Inf"),
         (lambda d: d.addPairwiseBilateral(sxy=3, srgb=13, rgbim=np.full((3, 4, 3), np.nan), compat=3), "NaN or Inf"),
@@ -190,7 +202,12 @@ def test_bad_input_raises_value_error_and_keeps_nothing(call, match):
 
 def test_constants_have_pydensecrf_values():
     assert (dcrf.CONST_KERNEL, dcrf.DIAG_KERNEL, dcrf.FULL_KERNEL) == (0, 1, 2)
-    assert (dcrf.NO_NORMALIZATION, dcrf.NORMALIZE_BEFORE, dcrf.NORMALIZE_AFTER, dcrf.NORMALIZE_SYMMETRIC) == (0, 1, 2, 3)
+    assert (dcrf.NO_NORMALIZATION, dcrf.NORMALIZE_BEFORE, dcrf.NORMALIZE_AFTER, dcrf.NORMALIZE_SYMMETRIC) == (
+        0,
+        1,
+        2,
+        3,
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -202,8 +219,9 @@ def test_device_gives_the_same_numbers(device):
     there = dcrf.DenseCRF2D(w, h, TOOL.LABELS, device=device)
     there.setUnaryEnergy(image_unary)
     there.addPairwiseGaussian(sxy=(3, 2), compat=3, kernel=dcrf.FULL_KERNEL)
-    there.addPairwiseBilateral(sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=compat["matrix"],
-                               kernel=dcrf.FULL_KERNEL)
+    there.addPairwiseBilateral(
+        sxy=(12, 9), srgb=(20, 13, 30), rgbim=image, compat=compat["matrix"], kernel=dcrf.FULL_KERNEL
+    )
     q = there.inference(5)
     assert isinstance(q, np.ndarray)
     np.testing.assert_allclose(q, cpu.inference(5), atol=1e-5)
@@ -218,8 +236,11 @@ def test_live_against_pydensecrf2_on_random_problems():
         h, w, c = rs.randint(5, 30), rs.randint(5, 30), rs.randint(2, 6)
         image = rs.randint(0, 256, size=(h, w, 3)).astype(np.uint8)
         unary = np.ascontiguousarray(rs.uniform(0, 3, size=(c, h * w)).astype(np.float32))
-        compat = [float(rs.uniform(1, 5)), rs.uniform(-3, 3, size=c).astype(np.float32),
-                  rs.uniform(-3, 3, size=(c, c)).astype(np.float32)][trial % 3]
+        compat = [
+            float(rs.uniform(1, 5)),
+            rs.uniform(-3, 3, size=c).astype(np.float32),
+            rs.uniform(-3, 3, size=(c, c)).astype(np.float32),
+        ][trial % 3]
         norm = int(rs.randint(1, 4))
         sxy, srgb = float(rs.uniform(1, 5)), float(rs.uniform(5, 40))
         results = []
@@ -230,8 +251,14 @@ def test_live_against_pydensecrf2_on_random_problems():
             d.addPairwiseBilateral(sxy=sxy * 5, srgb=srgb, rgbim=image, compat=compat, normalization=norm)
             results.append(d)
         theirs, ours = (np.array(d.inference(5)) for d in results)
-        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0, err_msg=f"trial {trial}: {h}x{w}, {c} labels, "
-                                   f"normalisation {norm}, sxy {sxy:.3g}, srgb {srgb:.3g}, compat {compat}")
+        np.testing.assert_allclose(
+            ours,
+            theirs,
+            atol=1e-4,
+            rtol=0,
+            err_msg=f"trial {trial}: {h}x{w}, {c} labels, "
+            f"normalisation {norm}, sxy {sxy:.3g}, srgb {srgb:.3g}, compat {compat}",
+        )
 
 
 def _examples() -> Path | None:
@@ -260,8 +287,14 @@ def test_classic_examples_through_the_drop_in(index):
     d = dcrf.DenseCRF2D(img.shape[1], img.shape[0], n_labels)
     d.setUnaryEnergy(utils.unary_from_labels(labels, n_labels, gt_prob=0.7, zero_unsure=has_unk))
     d.addPairwiseGaussian(sxy=(3, 3), compat=3, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
-    d.addPairwiseBilateral(sxy=(80, 80), srgb=(13, 13, 13), rgbim=img, compat=10, kernel=dcrf.DIAG_KERNEL,
-                           normalization=dcrf.NORMALIZE_SYMMETRIC)
+    d.addPairwiseBilateral(
+        sxy=(80, 80),
+        srgb=(13, 13, 13),
+        rgbim=img,
+        compat=10,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NORMALIZE_SYMMETRIC,
+    )
     q = d.inference(5)
     result = colorize[np.argmax(q, axis=0)].reshape(img.shape)
     reference = np.asarray(Image.open(folder / f"out{index}.png").convert("RGB"))

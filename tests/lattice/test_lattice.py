@@ -59,6 +59,7 @@ def test_reference_normalised(case_d, tag):
 
 # --- against the exact Gaussian ---------------------------------------------------------------------------------------
 
+
 def _exact_normalised(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Brute force: sum_j exp(-|f_i - f_j|^2 / 2) v_j / sum_j exp(-|f_i - f_j|^2 / 2), in float64."""
     b, c, h, w = values.shape
@@ -80,7 +81,9 @@ BRUTE_FORCE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,d,height,width,mean_bound,max_bound", BRUTE_FORCE_CASES, ids=[c[0] for c in BRUTE_FORCE_CASES])
+@pytest.mark.parametrize(
+    "name,d,height,width,mean_bound,max_bound", BRUTE_FORCE_CASES, ids=[c[0] for c in BRUTE_FORCE_CASES]
+)
 def test_normalised_filter_approximates_exact_gaussian(device_backend, name, d, height, width, mean_bound, max_bound):
     device, backend = device_backend
     g = torch.Generator().manual_seed(1)
@@ -91,7 +94,9 @@ def test_normalised_filter_approximates_exact_gaussian(device_backend, name, d, 
         theta = 1.0 if name == "d2-theta1" else 3.0
         feats = torch.stack([xs, ys])[None] / theta
     elif d == 3:
-        feats = torch.cat([torch.stack([xs, ys]) / 2.0, torch.rand(1, height, width, generator=g, dtype=torch.float64) * 3])[None]
+        feats = torch.cat(
+            [torch.stack([xs, ys]) / 2.0, torch.rand(1, height, width, generator=g, dtype=torch.float64) * 3]
+        )[None]
     else:
         colours = torch.rand(3, height, width, generator=g, dtype=torch.float64) * 255
         feats = torch.cat([torch.stack([xs, ys]) / 5.0, colours / 60.0])[None]
@@ -122,6 +127,7 @@ def test_bandwidth_is_one_feature_unit():
 
 # --- linear-algebra properties ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("d", [2, 5])
 def test_reverse_is_the_transpose(device_backend, dtype, d):
     device, backend = device_backend
@@ -151,11 +157,16 @@ def test_gradcheck(device_backend, reverse):
     device, backend = device_backend
     feats = _random_features(2, 3, 4, 5, torch.float64, device)
     values = torch.randn(2, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: permutohedral_filter(v, feats, reverse=reverse, backend=backend), (values,))
-    assert torch.autograd.gradgradcheck(lambda v: permutohedral_filter(v, feats, reverse=reverse, backend=backend), (values,))
+    assert torch.autograd.gradcheck(
+        lambda v: permutohedral_filter(v, feats, reverse=reverse, backend=backend), (values,)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda v: permutohedral_filter(v, feats, reverse=reverse, backend=backend), (values,)
+    )
 
 
 # --- shapes, batches and back ends ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 1, 7), (2, 3, 5, 1), (3, 4, 7, 11)], ids=str)
 @pytest.mark.parametrize("d", [1, 2, 3, 5])
@@ -228,6 +239,7 @@ def test_lattice_is_reused_without_rebuilding():
 
 # --- errors -----------------------------------------------------------------------------------------------------------
 
+
 def test_errors_name_the_problem():
     feats = torch.rand(1, 2, 4, 5)
     with pytest.raises(ValueError, match=r"\(B, d, \*spatial\).*\(4, 5\)"):
@@ -245,7 +257,7 @@ def test_errors_name_the_problem():
     lattice = PermutohedralLattice(feats)
     with pytest.raises(ValueError, match=r"\(B, C, 4, 5\).*\(1, 3, 5, 4\)"):
         lattice.filter(torch.rand(1, 3, 5, 4))
-    with pytest.raises(TypeError, match="float64.*float32"):
+    with pytest.raises(TypeError, match=r"float64.*float32"):
         lattice.filter(torch.rand(1, 3, 4, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"batch 2 .*expected \(2, 20, C\)"):
         PermutohedralLattice(torch.rand(2, 2, 4, 5)).filter(torch.rand(3, 1, 4, 5))
@@ -255,7 +267,8 @@ def test_errors_name_the_problem():
         permutohedral_filter(torch.rand(1, 1, 4, 5, dtype=torch.float64), feats)
 
 
-# --- normalisation and in-place output ----------------------------------------------------------------------------------
+# --- normalisation and in-place output --------------------------------------------------------------------------------
+
 
 def test_normalize_divides_by_the_filtered_ones(device_backend, dtype):
     device, backend = device_backend
@@ -311,8 +324,9 @@ def test_filter_sum_equals_separate_filterings(device_backend, dtype, shared, no
     """``base + Σ scale_k ⊙ K_k v`` in one call equals the separate filterings, also with a batch-shared lattice."""
     device, backend = device_backend
     batch, height, width, channels = 3, 7, 9, 4
-    first = PermutohedralLattice(_random_features(1 if shared else batch, 2, height, width, dtype, device, seed=1),
-                                 backend=backend)
+    first = PermutohedralLattice(
+        _random_features(1 if shared else batch, 2, height, width, dtype, device, seed=1), backend=backend
+    )
     second = PermutohedralLattice(_random_features(batch, 4, height, width, dtype, device, seed=2), backend=backend)
     g = torch.Generator().manual_seed(3)
     values = torch.rand(batch, height * width, channels, generator=g, dtype=dtype).to(device)
@@ -335,7 +349,9 @@ def test_filter_sum_one_lattice_and_no_base(device_backend):
     lattice = PermutohedralLattice(_random_features(2, 3, 5, 6, torch.float64, device), backend=backend)
     values = torch.rand(2, 30, 3, dtype=torch.float64, device=device)
     scale = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=device)
-    torch.testing.assert_close(filter_sum(values, [lattice], [scale]), scale * lattice.filter_points(values, normalize=True))
+    torch.testing.assert_close(
+        filter_sum(values, [lattice], [scale]), scale * lattice.filter_points(values, normalize=True)
+    )
 
 
 def test_filter_sum_errors():
@@ -370,8 +386,9 @@ def test_filter_sum_softmax_out(device_backend, dtype, in_place):
     torch.testing.assert_close(target, torch.softmax(expected_total, dim=-1), atol=tol, rtol=1e-5)
     # only the softmax wanted: the sum is not stored, and the result is the same
     only = values.clone() if in_place else torch.empty_like(values)
-    returned = filter_sum(only if in_place else values, [first, second], scales, base=base, softmax_out=only,
-                          keep_sum=False)
+    returned = filter_sum(
+        only if in_place else values, [first, second], scales, base=base, softmax_out=only, keep_sum=False
+    )
     assert returned is only
     torch.testing.assert_close(only, target, atol=tol, rtol=1e-5)
     with pytest.raises(ValueError, match="softmax_out"):
@@ -385,8 +402,10 @@ def test_concurrent_filtering_from_threads_matches_serial():
     """Scratch grids are handed out per call: lattices filtered from several threads at once give the serial results."""
     from concurrent.futures import ThreadPoolExecutor
 
-    lattices = [PermutohedralLattice(_random_features(1, 3, 70, 80, torch.float32, "cpu", seed=s), backend="numba")
-                for s in range(3)]
+    lattices = [
+        PermutohedralLattice(_random_features(1, 3, 70, 80, torch.float32, "cpu", seed=s), backend="numba")
+        for s in range(3)
+    ]
     values = [torch.rand(1, 70 * 80, 5, generator=torch.Generator().manual_seed(s)) for s in range(3)]
     expected = [lat.filter_points(v, normalize=True) for lat, v in zip(lattices, values)]
     pair = filter_sum(values[0], [lattices[0], lattices[0]], [torch.ones(5), -torch.ones(5)])
@@ -423,10 +442,10 @@ def test_numba_padding_of_any_channel_count_matches_torch(channels):
     g = torch.Generator().manual_seed(channels)
     lattices = {}
     for backend in ("numba", "torch"):
-        lattices[backend] = (PermutohedralLattice(_random_features(2, 2, 9, 11, torch.float32, "cpu", seed=1),
-                                                  backend=backend),
-                             PermutohedralLattice(_random_features(2, 5, 9, 11, torch.float32, "cpu", seed=2),
-                                                  backend=backend))
+        lattices[backend] = (
+            PermutohedralLattice(_random_features(2, 2, 9, 11, torch.float32, "cpu", seed=1), backend=backend),
+            PermutohedralLattice(_random_features(2, 5, 9, 11, torch.float32, "cpu", seed=2), backend=backend),
+        )
     values = torch.rand(2, 99, channels, generator=g)
     base = torch.randn(2, 99, channels, generator=g)
     scales = [torch.randn(channels, generator=g) for _ in range(2)]
@@ -472,8 +491,9 @@ def test_values_buffer_layout_and_use_in_place(device_backend):
 def test_filter_each_equals_separate_filterings(device_backend, dtype, transpose, shared):
     device, backend = device_backend
     batch, channels = 2, 5
-    first = PermutohedralLattice(_random_features(1 if shared else batch, 2, 6, 7, dtype, device, seed=10),
-                                 backend=backend)
+    first = PermutohedralLattice(
+        _random_features(1 if shared else batch, 2, 6, 7, dtype, device, seed=10), backend=backend
+    )
     second = PermutohedralLattice(_random_features(batch, 5, 6, 7, dtype, device, seed=11), backend=backend)
     values = torch.rand(batch, 42, channels, generator=torch.Generator().manual_seed(12), dtype=dtype).to(device)
     method = "transpose_points" if transpose else "filter_points"
@@ -518,8 +538,11 @@ def test_filter_sum_with_mixing_matrices(device_backend, dtype):
     base = torch.randn(2, 42, 4, generator=g, dtype=dtype).to(device)
     mixing = torch.randn(4, 4, generator=g, dtype=dtype).to(device)
     factors = torch.randn(4, generator=g, dtype=dtype).to(device)
-    expected = (base + first.filter_points(values, normalize=True) @ mixing
-                + second.filter_points(values, normalize=True) * factors)
+    expected = (
+        base
+        + first.filter_points(values, normalize=True) @ mixing
+        + second.filter_points(values, normalize=True) * factors
+    )
     soft = torch.empty_like(values)
     total = filter_sum(values, [first, second], [mixing, factors], base=base, softmax_out=soft)
     torch.testing.assert_close(total, expected)
@@ -543,6 +566,7 @@ def test_splat_work_is_split_evenly():
 
 # --- the reference's padding (phantom vertices) ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_points", [9, 10, 11, 12])
 def test_pad_to_adds_the_vertices_of_the_zero_vectors_and_nothing_else(device_backend, num_points):
     """``pad_to=4`` is the lattice over the points and the zero vectors that pad them to a multiple of 4, where the
@@ -560,8 +584,12 @@ def test_pad_to_adds_the_vertices_of_the_zero_vectors_and_nothing_else(device_ba
         want = explicit.filter_points(padded_values, reverse=reverse)[:, :num_points]
         torch.testing.assert_close(ours.filter_points(values, reverse=reverse), want, rtol=1e-6, atol=1e-6)
     ones = torch.cat([values.new_ones(2, num_points, 1), values.new_zeros(2, phantoms, 1)], dim=1)
-    torch.testing.assert_close(ours.normalizer, 1 / (explicit.filter_points(ones)[:, :num_points] + 2.220446049250313e-16),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        ours.normalizer,
+        1 / (explicit.filter_points(ones)[:, :num_points] + 2.220446049250313e-16),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     if phantoms == 0:
         assert ours.num_vertices == PermutohedralLattice(features, backend=backend).num_vertices
     with pytest.raises(ValueError, match="pad_to"):
@@ -578,17 +606,24 @@ def test_compact_lattices_filter_like_the_default_ones(transpose):
     assert compact.tensors[5].numel() == 0 < default.tensors[5].numel()  # no splat lists
     values = torch.rand(2, 40000, 3, generator=gen)
     for normalize in (False, True):
-        want = default.transpose_points(values, normalize) if transpose else default.filter_points(values,
-                                                                                                    normalize=normalize)
-        got = compact.transpose_points(values, normalize) if transpose else compact.filter_points(values,
-                                                                                                   normalize=normalize)
+        want = (
+            default.transpose_points(values, normalize)
+            if transpose
+            else default.filter_points(values, normalize=normalize)
+        )
+        got = (
+            compact.transpose_points(values, normalize)
+            if transpose
+            else compact.filter_points(values, normalize=normalize)
+        )
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     other = PermutohedralLattice(features[:, :2] * 2, compact=True)
     scales = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.3, 2.0])]
     for modes in ([3, 3], [0, 2]):
         want = filter_sum(values, [default, PermutohedralLattice(features[:, :2] * 2)], scales, modes=modes)
-        torch.testing.assert_close(filter_sum(values, [compact, other], scales, modes=modes), want, rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            filter_sum(values, [compact, other], scales, modes=modes), want, rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.skipif(not numba_available(), reason="numba back end")
@@ -599,8 +634,12 @@ def test_the_parallel_hash_table_gives_the_sequential_lattice(monkeypatch):
     from crfasrnn.lattice import _numba
 
     gen = torch.Generator().manual_seed(9)
-    smooth = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (40, 60, 70)],
-                                        indexing="ij")).reshape(3, -1).t()[None] / 3.0
+    smooth = (
+        torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (40, 60, 70)], indexing="ij"))
+        .reshape(3, -1)
+        .t()[None]
+        / 3.0
+    )
     rough = torch.rand(1, 150000, 4, generator=gen) * 20
     for points in (smooth.contiguous(), rough):
         assert points.shape[1] >= _numba._PARALLEL_INSERT_POINTS

@@ -25,8 +25,13 @@ DATA = Path(__file__).resolve().parents[2] / "src" / "crfasrnn" / "data"
 
 
 def _run(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_refine_with_a_tiny_spatial_bandwidth_exits_with_an_error_not_a_segfault(tmp_path):
@@ -36,8 +41,25 @@ def test_refine_with_a_tiny_spatial_bandwidth_exits_with_an_error_not_a_segfault
     Image.open(DATA / "astronaut.jpg").convert("RGB").resize((200, 200)).save(photo)
     Image.open(DATA / "astronaut_coarse.png").resize((200, 200), Image.NEAREST).save(labels)
     out = tmp_path / "out.png"
-    proc = subprocess.run([sys.executable, "-m", "crfasrnn", "refine", str(photo), "--labels", str(labels), "-o",
-                           str(out), "--theta-gamma", "1e-6"], capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crfasrnn",
+            "refine",
+            str(photo),
+            "--labels",
+            str(labels),
+            "-o",
+            str(out),
+            "--theta-gamma",
+            "1e-6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "theta_gamma=1e-06 is too small for a 200x200 image" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
@@ -159,15 +181,17 @@ def _fuzz_cases(count: int, seed: int) -> list[dict]:
     for k in range(count):
         big = k % 10 == 0  # a few large images, the rest small
         side = (lambda: int(rng.randint(1000, 2001))) if big else (lambda: int(np.exp(rng.uniform(0, np.log(400)))))
-        cases.append({
-            "seed": k,
-            "what": ("lattice", "refine", "crf")[k % 3],
-            "size": [side(), side()],
-            "theta": float(10 ** rng.uniform(-8, 8)),
-            "scale": float(0.0 if k % 7 == 3 else 10 ** rng.uniform(-3, 30)),
-            "dtype": str(rng.choice(["float32", "float64", "float16", "bfloat16"])),
-            "backend": "torch" if (k % 5 == 4 and not big) or not numba_available() else "auto",
-        })
+        cases.append(
+            {
+                "seed": k,
+                "what": ("lattice", "refine", "crf")[k % 3],
+                "size": [side(), side()],
+                "theta": float(10 ** rng.uniform(-8, 8)),
+                "scale": float(0.0 if k % 7 == 3 else 10 ** rng.uniform(-3, 30)),
+                "dtype": str(rng.choice(["float32", "float64", "float16", "bfloat16"])),
+                "backend": "torch" if (k % 5 == 4 and not big) or not numba_available() else "auto",
+            }
+        )
     return cases
 
 
@@ -179,7 +203,8 @@ def test_fuzz_of_bandwidths_sizes_scales_and_dtypes_ends_in_a_result_or_a_value_
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(cases)
-    assert all(row["result"] in ("finite", "ValueError") for row in rows), [r for r in rows if r["result"] not in
-                                                                            ("finite", "ValueError")]
+    assert all(row["result"] in ("finite", "ValueError") for row in rows), [
+        r for r in rows if r["result"] not in ("finite", "ValueError")
+    ]
     assert {"finite", "ValueError"} <= {row["result"] for row in rows}  # both outcomes are exercised
     assert max(row["seconds"] for row in rows) < 120

@@ -196,13 +196,12 @@ class VOCSegmentation(SegmentationDataset):
             (voc / "ImageSets" / "Segmentation" / f"{split}.txt", voc / "SegmentationClass"),
             (voc / "ImageSets" / "SegmentationAug" / f"{split}.txt", voc / "SegmentationClassAug"),
         ]
-        for list_file, label_dir in sources:
-            if list_file.is_file():
-                break
-        else:
+        found = next(((lst, labels) for lst, labels in sources if lst.is_file()), None)
+        if found is None:
             raise FileNotFoundError(
                 f"no split list for split {split!r}: looked for {sources[0][0]} and {sources[1][0]}"
             )
+        list_file, label_dir = found
         ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
         samples, missing = [], []
         for stem in ids:
@@ -272,8 +271,8 @@ def open_dataset(
         raise FileNotFoundError(f"dataset folder not found: {root}")
     if class_names is None:
         class_names = _read_class_names(root)
-        if class_names is None and _voc_root(root) is not None:
-            class_names = _read_class_names(_voc_root(root))
+        if class_names is None and (voc_root := _voc_root(root)) is not None:
+            class_names = _read_class_names(voc_root)
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             logger.warning(
                 "classes.txt names %d classes but num_classes is %d; ignoring it", len(class_names), num_classes
@@ -281,11 +280,19 @@ def open_dataset(
             class_names = None
     if num_classes is None:
         num_classes = len(class_names) if class_names is not None else len(VOC_CLASS_NAMES)
-    kwargs = dict(num_classes=num_classes, class_names=class_names, transform=transform, seed=seed)
     if _voc_root(root) is not None:
-        return VOCSegmentation(root, split, **kwargs)
+        return VOCSegmentation(
+            root, split, num_classes=num_classes, class_names=class_names, transform=transform, seed=seed
+        )
     if (root / split / "images").is_dir():
-        return FolderSegmentation(root / split / "images", root / split / "masks", **kwargs)
+        return FolderSegmentation(
+            root / split / "images",
+            root / split / "masks",
+            num_classes=num_classes,
+            class_names=class_names,
+            transform=transform,
+            seed=seed,
+        )
     raise FileNotFoundError(
         f"{root} has no known dataset layout for split {split!r}: expected JPEGImages/ + SegmentationClass/ + "
         f"ImageSets/Segmentation/{split}.txt (PASCAL VOC) or {split}/images/ + {split}/masks/"

@@ -17,7 +17,7 @@ from .datasets import IGNORE_INDEX
 
 __all__ = ["TrainTransform", "EvalTransform", "MEAN_FILL_RGB", "preprocess_batch"]
 
-MEAN_FILL_RGB = tuple(int(round(c)) for c in VOC_MEAN_RGB)
+MEAN_FILL_RGB = tuple(round(c) for c in VOC_MEAN_RGB)
 """The ImageNet / VOC mean colour (rounded) that pads images: after mean subtraction the padding is ~0, as in the
 reference demo's zero padding."""
 
@@ -89,8 +89,9 @@ class TrainTransform:
         if scale != 1.0:
             h, w = label.shape
             size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL sizes are (width, height)
-            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST)).astype(np.int64)
+            # Pillow sets its filter constants with setattr(): its annotations lack them
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))  # type: ignore[attr-defined]
+            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST)).astype(np.int64)  # type: ignore[attr-defined]
         ch, cw = self.crop_size
         h, w = label.shape
         ph, pw = max(ch - h, 0), max(cw - w, 0)

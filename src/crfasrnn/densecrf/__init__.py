@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import numbers
 from enum import IntEnum
+from typing import cast
 
 import numpy as np
 import torch
 
 from ..engine import guided_features, marginals_points, mean_field_points, per_axis, position_lattice
-from ..lattice import PermutohedralLattice, all_finite, filter_each, resolve_backend
+from ..errors import InputTypeError
+from ..lattice import Backend, PermutohedralLattice, all_finite, filter_each, resolve_backend
 
 __all__ = [
     "CONST_KERNEL",
@@ -90,7 +92,7 @@ _ENGINE_NORMALIZATION = {0: "none", 1: "before", 2: "after", 3: "symmetric"}
 
 def _integer(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
@@ -185,12 +187,14 @@ class DenseCRF:
         array([0, 0, 0, 1, 1, 1])
     """
 
-    def __init__(self, nvar: int, nlabels: int, *, device: str | torch.device | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, nvar: int, nlabels: int, *, device: str | torch.device | None = None, backend: str = "auto"
+    ) -> None:
         self._nvar = _integer("nvar", nvar)
         self._nlabel = _integer("nlabels", nlabels)
         self._device = torch.device("cpu" if device is None else device)
-        self._backend = resolve_backend(backend, self._device)
+        # resolve_backend is annotated -> str, but returns one of the names of Backend ("torch" or "numba")
+        self._backend = cast(Backend, resolve_backend(backend, self._device))
         self._scores: torch.Tensor | None = None  # (1, N, C) −U
         self._pairwise: list[_Pairwise] = []
 
@@ -207,7 +211,7 @@ class DenseCRF:
     def setUnary(self, u: Unary) -> None:
         """Set the unary from a :class:`ConstUnary` or :class:`LogisticUnary`."""
         if not isinstance(u, Unary):
-            raise TypeError(f"setUnary takes a Unary, got {type(u).__name__}")
+            raise InputTypeError(f"setUnary takes a Unary, got {type(u).__name__}")
         self._set_unary(u.energy())
 
     def _set_unary(self, u: np.ndarray) -> None:
@@ -238,8 +242,10 @@ class DenseCRF:
         if kernel not in (0, 1, 2) or isinstance(kernel, bool):
             raise ValueError(f"kernel must be DIAG_KERNEL, CONST_KERNEL or FULL_KERNEL, got {kernel!r}")
         if normalization not in (0, 1, 2, 3) or isinstance(normalization, bool):
-            raise ValueError("normalization must be NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER or "
-                             f"NORMALIZE_SYMMETRIC, got {normalization!r}")
+            raise ValueError(
+                "normalization must be NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER or "
+                f"NORMALIZE_SYMMETRIC, got {normalization!r}"
+            )
         mu = torch.from_numpy(_compatibility(compat, self._nlabel)).to(self._device)
         if callable(features):
             lattice = features()
@@ -266,9 +272,13 @@ class DenseCRF:
         scores = self._unary_scores()
         with torch.no_grad():
             if niter > 0 and self._pairwise:
-                scores = mean_field_points(scores, [p.lattice.tensors for p in self._pairwise],
-                                           [p.mu for p in self._pairwise],
-                                           [p.normalization for p in self._pairwise], niter)
+                scores = mean_field_points(
+                    scores,
+                    [p.lattice.tensors for p in self._pairwise],
+                    [p.mu for p in self._pairwise],
+                    [p.normalization for p in self._pairwise],
+                    niter,
+                )
             return marginals_points(scores[0].contiguous()).cpu().numpy().T
 
     def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,8 +328,9 @@ class DenseCRF:
         if not self._pairwise:
             return []
         points = q.t().contiguous()[None].float()
-        filtered = filter_each(points, [p.lattice for p in self._pairwise],
-                               modes=[p.normalization for p in self._pairwise])
+        filtered = filter_each(
+            points, [p.lattice for p in self._pairwise], modes=[p.normalization for p in self._pairwise]
+        )
         return [f[0].t() for f in filtered]
 
 
@@ -335,8 +346,9 @@ class DenseCRF2D(DenseCRF):
         (2, 24)
     """
 
-    def __init__(self, w: int, h: int, nlabels: int, *, device: str | torch.device | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, w: int, h: int, nlabels: int, *, device: str | torch.device | None = None, backend: str = "auto"
+    ) -> None:
         self._w = _integer("w", w)
         self._h = _integer("h", h)
         super().__init__(self._w * self._h, nlabels, device=device, backend=backend)
@@ -346,11 +358,14 @@ class DenseCRF2D(DenseCRF):
         sx, sy = per_axis("sxy", sxy, 2)
         like = torch.empty(0, device=self._device)
         # positions only: the lattice depends on the size alone and is kept for the next CRF of this size
-        self._add(lambda: position_lattice((self._h, self._w), (sy, sx), like=like, backend=self._backend,
-                                           compact=True), compat, kernel, normalization)
+        self._add(
+            lambda: position_lattice((self._h, self._w), (sy, sx), like=like, backend=self._backend, compact=True),
+            compat,
+            kernel,
+            normalization,
+        )
 
-    def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,
-                             normalization=NORMALIZE_SYMMETRIC):
+    def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC):
         """A Gaussian kernel over positions and colours: ``(x/sx, y/sy, r/sr, g/sg, b/sb)``.
 
         Args:
@@ -365,8 +380,10 @@ class DenseCRF2D(DenseCRF):
         if image.ndim != 3 or image.shape[0] != self._h or image.shape[1] != self._w:
             raise ValueError(f"Bad shape for pairwise bilateral (Need {(self._h, self._w, 3)}, got {image.shape})")
         if image.shape[2] != 3:
-            raise ValueError("addPairwiseBilateral only works for RGB images. For other types, use "
-                             "`utils.create_pairwise_bilateral` to construct your own pairwise energy and add it "
-                             "through `addPairwiseEnergy`.")
+            raise ValueError(
+                "addPairwiseBilateral only works for RGB images. For other types, use "
+                "`utils.create_pairwise_bilateral` to construct your own pairwise energy and add it "
+                "through `addPairwiseEnergy`."
+            )
         colours = torch.from_numpy(_real_array("rgbim", image, 3, check_finite=False)).permute(2, 0, 1)[None]
         self._add(guided_features(colours, (sy, sx), srgb), compat, kernel, normalization)

@@ -52,8 +52,9 @@ def unary_from_labels(labels, n_labels: int, gt_prob: float, zero_unsure: bool =
     known = labels != 0 if zero_unsure else np.ones(labels.shape, bool)
     if known.any() and (rows[known].min() < 0 or rows[known].max() >= n_labels):
         low, high = (1, n_labels) if zero_unsure else (0, n_labels - 1)
-        raise ValueError(f"labels must lie in {low}..{high} (0: unknown)" if zero_unsure else
-                         f"labels must lie in {low}..{high}")
+        raise ValueError(
+            f"labels must lie in {low}..{high} (0: unknown)" if zero_unsure else f"labels must lie in {low}..{high}"
+        )
     energies = np.full((n_labels, labels.size), -np.log((1.0 - gt_prob) / (n_labels - 1)), dtype=np.float32)
     columns = np.flatnonzero(known)
     energies[rows[known], columns] = -np.log(gt_prob)

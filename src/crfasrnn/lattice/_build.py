@@ -1,10 +1,10 @@
 """Construction of the permutohedral lattice with vectorised torch operations.
 
-Every step follows the reference lattice (Krähenbühl's ``permutohedral.cpp`` as modified for CRF-RNN; SPEC §3.1) in the
-same floating-point order, so that the simplex, rank and barycentric weights of every point are bit-identical to the
-reference for float32 features. The hash table of the reference is replaced by sorting integer codes of the vertex keys
-(``torch.unique``), and the blur neighbours are found with ``torch.searchsorted``; vertex ids differ from the
-reference's, which does not change any result.
+Every step follows the reference lattice (Krähenbühl's ``permutohedral.cpp`` as modified for CRF-RNN; docs/reference.md
+§3.1) in the same floating-point order, so that the simplex, rank and barycentric weights of every point are
+bit-identical to the reference for float32 features. The hash table of the reference is replaced by sorting integer
+codes of the vertex keys (``torch.unique``), and the blur neighbours are found with ``torch.searchsorted``; vertex ids
+differ from the reference's, which does not change any result.
 
 The same code runs on CPU and CUDA. A batch is one lattice whose keys carry the image index, so that images never share
 a vertex and each image is filtered exactly as if it were alone.
@@ -17,8 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LatticeStructure", "build_lattice", "check_extent", "check_magnitudes", "max_feature_magnitude",
-           "scale_factors", "span_error"]
+__all__ = [
+    "LatticeStructure",
+    "build_lattice",
+    "check_extent",
+    "check_magnitudes",
+    "max_feature_magnitude",
+    "scale_factors",
+    "span_error",
+]
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class LatticeStructure:
 
 
 def scale_factors(d: int) -> list[float]:
-    """Per-axis feature scaling of the lattice (SPEC §3.1 step 1), computed as the reference does.
+    """Per-axis feature scaling of the lattice (docs/reference.md §3.1 step 1), computed as the reference does.
 
     ``inv_std_dev`` is rounded to float32 first, the product is formed in double and rounded to float32.
     """
@@ -75,8 +82,9 @@ def check_extent(points: torch.Tensor) -> None:
     flat = points.reshape(-1, d)
     low, high = torch.aminmax(flat, dim=0)
     low, high = low.double().cpu(), high.double().cpu()
-    check_magnitudes(low, high, not bool(torch.isfinite(low).all() & torch.isfinite(high).all()), points.dtype,
-                     flat.shape[0])
+    check_magnitudes(
+        low, high, not bool(torch.isfinite(low).all() & torch.isfinite(high).all()), points.dtype, flat.shape[0]
+    )
 
 
 def check_magnitudes(low: torch.Tensor, high: torch.Tensor, non_finite: bool, dtype: torch.dtype, num_points: int):
@@ -90,7 +98,8 @@ def check_magnitudes(low: torch.Tensor, high: torch.Tensor, non_finite: bool, dt
     worst = int(magnitude.argmax())
     if float(magnitude[worst]) > limit:
         raise ValueError(
-            f"lattice feature {worst} reaches {float(magnitude[worst]):.3g} (features are divided by their bandwidths), "
+            f"lattice feature {worst} reaches {float(magnitude[worst]):.3g} "
+            "(features are divided by their bandwidths), "
             f"beyond the {limit:.3g} the lattice handles in {str(dtype).replace('torch.', '')} with {d} features: "
             f"a bandwidth (theta) far too small for the positions or values, or values far out of their range. Such "
             f"a lattice would have up to {num_points * (d + 1):,} vertices, one simplex per point: the filter "
@@ -113,7 +122,8 @@ def _to_float32(x: float) -> float:
 
 
 def _elevate(features: torch.Tensor) -> torch.Tensor:
-    """Map (P, d) features onto the hyperplane H_d in R^{d+1} (SPEC §3.1 step 3), same operation order as reference."""
+    """Map (P, d) features onto the hyperplane H_d in R^{d+1} (docs/reference.md §3.1 step 3), same operation order as
+    reference."""
     num_points, d = features.shape
     sf = scale_factors(d)
     elevated = features.new_empty(num_points, d + 1)
@@ -127,15 +137,14 @@ def _elevate(features: torch.Tensor) -> torch.Tensor:
 
 
 def _simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest remainder-0 point, rank and barycentric weights (SPEC §3.1 steps 4-7).
+    """Nearest remainder-0 point, rank and barycentric weights (docs/reference.md §3.1 steps 4-7).
 
     Returns:
         rem0 (P, d+1) int64, rank (P, d+1) int64, barycentric (P, d+1) in the elevated dtype.
     """
     d1 = elevated.shape[1]
     d = d1 - 1
-    inv = torch.tensor(1.0, dtype=elevated.dtype) / d1  # 1.0f / (d+1) in the working precision
-    inv = inv.item()
+    inv = (torch.tensor(1.0, dtype=elevated.dtype) / d1).item()  # 1.0f / (d+1) in the working precision
     v = torch.round(elevated * inv)  # round half to even, as _mm_cvtps_epi32
     rem0 = v * d1
     coord_sum = v.sum(dim=1, keepdim=True).long()
@@ -162,7 +171,7 @@ def _simplex(elevated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """(P, d+1, d) integer keys of the d+1 simplex vertices of every point (SPEC §3.1 step 8)."""
+    """(P, d+1, d) integer keys of the d+1 simplex vertices of every point (docs/reference.md §3.1 step 8)."""
     d = rank.shape[1] - 1
     r = torch.arange(d + 1, device=rank.device).view(1, d + 1, 1)
     rk = rank[:, None, :d]
@@ -201,12 +210,12 @@ def build_lattice(features: torch.Tensor, phantoms: int = 0) -> LatticeStructure
         total *= s
     if total >= 2**62:
         raise span_error(spans, batch * num_points, d)
-    strides = []
+    stride_list = []
     acc = 1
     for s in reversed(spans):
-        strides.append(acc)
+        stride_list.append(acc)
         acc *= s
-    strides = torch.tensor(list(reversed(strides)), dtype=torch.int64, device=device)
+    strides = torch.tensor(list(reversed(stride_list)), dtype=torch.int64, device=device)
     image_index = torch.arange(batch, device=device).repeat_interleave(num_points * (d + 1))
     codes = ((keys - low) * strides).sum(dim=1) + image_index * acc
 
@@ -214,8 +223,8 @@ def build_lattice(features: torch.Tensor, phantoms: int = 0) -> LatticeStructure
     num_vertices = unique_codes.numel()
     offsets = inverse.view(batch * num_points, d + 1)
 
-    # Blur neighbours along each of the d+1 lattice axes (SPEC §3.1 step 10): n1 = key - 1 except n1[j] = key[j] + d,
-    # n2 = key + 1 except n2[j] = key[j] - d; for j = d every stored coordinate shifts by -1 / +1.
+    # Blur neighbours along each of the d+1 lattice axes (docs/reference.md §3.1 step 10): n1 = key - 1 except
+    # n1[j] = key[j] + d, n2 = key + 1 except n2[j] = key[j] - d; for j = d every stored coordinate shifts by -1 / +1.
     all_ones = int(strides.sum())
     shifts = []
     for j in range(d + 1):

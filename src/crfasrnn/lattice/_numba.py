@@ -1,6 +1,6 @@
 """The lattice as JIT-compiled parallel CPU loops (numba): construction with a hash table, splat, blur and slice.
 
-The arithmetic of every point follows SPEC §3.1 in the same floating-point order as the reference (and as
+The arithmetic of every point follows docs/reference.md §3.1 in the same floating-point order as the reference (and as
 :mod:`crfasrnn.lattice._build`, which the tests compare it with). Two things make it faster than the reference:
 
 * splatting is a parallel *gather*: each vertex sums its points' contributions, listed vertex by vertex in point order
@@ -29,8 +29,16 @@ import torch
 from .._parallel import parallel_kernel
 from ._build import check_magnitudes, scale_factors, span_error
 
-__all__ = ["NumbaLattice", "build_lattice", "filter_each", "filter_points", "filter_sum", "normalizer", "padded_width",
-           "softmax_rows"]
+__all__ = [
+    "NumbaLattice",
+    "build_lattice",
+    "filter_each",
+    "filter_points",
+    "filter_sum",
+    "normalizer",
+    "padded_width",
+    "softmax_rows",
+]
 
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = np.int64(-1)
@@ -83,8 +91,12 @@ def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)]).numpy()
 
 
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
-                 np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+_TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+}
 
 
 class _ScratchPool:
@@ -133,7 +145,7 @@ _SCRATCH = _ScratchPool()
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _elevate(features, p, scale, consts, el):  # pragma: no cover - compiled
-    """Elevation of point p onto the hyperplane (SPEC §3.1 step 3), in the reference's operation order."""
+    """Elevation of point p onto the hyperplane (docs/reference.md §3.1 step 3), in the reference's operation order."""
     d = features.shape[1]
     sm = consts[0]
     for j in range(d, 0, -1):
@@ -186,10 +198,12 @@ def _elevation_range(features, scale, consts):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _simplex_codes(features, scale, consts, low, strides, image_stride, points_per_image, codes, weights, bad):  # pragma: no cover - compiled
+def _simplex_codes(
+    features, scale, consts, low, strides, image_stride, points_per_image, codes, weights, bad
+):  # pragma: no cover - compiled
     """Per point: remainder-0 point, rank, barycentric weights and the integer codes of the d+1 simplex vertices.
 
-    SPEC §3.1 steps 3-8; the vertex key ``k`` (d coordinates) is coded as
+    docs/reference.md §3.1 steps 3-8; the vertex key ``k`` (d coordinates) is coded as
     ``sum_k (key[k] - low[k]) * strides[k] + image * image_stride``.
     ``consts`` holds, in the features' dtype: [0] = 0, [1] = 1, [2] = 1/(d+1), [3 + j] = j for j = 0..d.
     A rank that leaves [0, d] after its correction (features beyond what the arithmetic handles; the caller checks
@@ -504,8 +518,10 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0, splat_lists: bool = T
     bad = np.zeros(1, dtype=np.int64)
     _simplex_codes(feats, scale, consts, low, stride_arr, acc, num_points, codes, weights, bad)
     if bad[0]:
-        raise ValueError("lattice features too large in magnitude for the lattice arithmetic in their dtype (a point's "
-                         "simplex could not be found); divide them by larger bandwidths")
+        raise ValueError(
+            "lattice features too large in magnitude for the lattice arithmetic in their dtype (a point's "
+            "simplex could not be found); divide them by larger bandwidths"
+        )
 
     offsets = _empty((batch * num_points, d + 1), np.dtype(np.int32))
     try:
@@ -517,8 +533,10 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0, splat_lists: bool = T
 
     all_ones = int(stride_arr.sum())
     shifts = np.array(
-        [[-all_ones + (strides[j] * (d + 1) if j < d else 0), all_ones - (strides[j] * (d + 1) if j < d else 0)]
-         for j in range(d + 1)],
+        [
+            [-all_ones + (strides[j] * (d + 1) if j < d else 0), all_ones - (strides[j] * (d + 1) if j < d else 0)]
+            for j in range(d + 1)
+        ],
         dtype=np.int64,
     )
     neighbours = np.empty((d + 1, 2, num_vertices + 1), dtype=np.int32)
@@ -528,13 +546,23 @@ def build_lattice(points: torch.Tensor, phantoms: int = 0, splat_lists: bool = T
         weights = np.ascontiguousarray(weights.reshape(batch, num_points, d + 1)[:, :real].reshape(-1, d + 1))
     if not splat_lists:  # a compact lattice: the splat scatters point by point (see _scatter)
         none = np.empty(0, dtype=np.int64)
-        return NumbaLattice(offsets, weights, neighbours, none, np.empty(0, dtype=np.int32), np.empty(0, dtype=dtype),
-                            none.copy(), num_vertices, d)
+        return NumbaLattice(
+            offsets,
+            weights,
+            neighbours,
+            none,
+            np.empty(0, dtype=np.int32),
+            np.empty(0, dtype=dtype),
+            none.copy(),
+            num_vertices,
+            d,
+        )
     # ranges for the parallel counting sort: a few per thread, each of at least 64k points, and their (ranges, M)
     # table of slots no larger than a quarter of the lists' entries
     entries = offsets.shape[0] * (d + 1)
-    chunks_for_lists = max(1, min(numba.get_num_threads() * 2, offsets.shape[0] // 65536, entries // (4 * max(
-        num_vertices, 1))))
+    chunks_for_lists = max(
+        1, min(numba.get_num_threads() * 2, offsets.shape[0] // 65536, entries // (4 * max(num_vertices, 1)))
+    )
     start, splat_points, splat_weights = _splat_lists(offsets, weights, num_vertices, chunks_for_lists)
     targets = np.linspace(0, start[-1], _SPLAT_CHUNKS + 1)
     chunks = np.unique(np.searchsorted(start, targets).clip(0, num_vertices).astype(np.int64))
@@ -853,8 +881,9 @@ def normalizer(lattice: NumbaLattice, eps: float) -> torch.Tensor:
         _SCRATCH.give(ones)
     try:
         out = torch.empty(num_points, dtype=_TORCH_DTYPES[dtype])
-        _normalizer_slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, lattice.dim), dtype.type(eps),
-                          out.numpy())
+        _normalizer_slice(
+            grid, lattice.offsets, lattice.weights, _alpha(dtype, lattice.dim), dtype.type(eps), out.numpy()
+        )
     finally:
         _SCRATCH.give(grid)
     return out
@@ -869,8 +898,9 @@ def _splat_into(lattice: NumbaLattice, vals: np.ndarray, pre: np.ndarray, grid: 
     ranges = max(1, min(_SCATTER_RANGES, lattice.offsets.shape[0] // _SCATTER_MIN_POINTS, _SCATTER_BUDGET // per_range))
     partial = _SCRATCH.take((ranges * grid.shape[0], grid.shape[1]), grid.dtype)
     try:
-        _scatter(vals, lattice.offsets, lattice.weights, pre, partial.reshape(ranges, grid.shape[0], grid.shape[1]),
-                 grid)
+        _scatter(
+            vals, lattice.offsets, lattice.weights, pre, partial.reshape(ranges, grid.shape[0], grid.shape[1]), grid
+        )
     finally:
         _SCRATCH.give(partial)
 
@@ -943,10 +973,23 @@ def filter_sum(
         soft = none2
         if softmax_out is not None:  # contiguous, or with padded rows: written in place either way
             rows = softmax_out.view(batch * num_points, channels)
-            soft = _rows_in_place(rows)
-            soft = rows.detach().numpy() if soft is None else soft
-        _slice_sum2(g1, l1.offsets, l1.weights, k[0], post[0], g2, l2.offsets, l2.weights, k[1], post[1],
-                    base.detach().numpy(), none2 if out is None else out.detach().numpy(), soft)
+            in_place = _rows_in_place(rows)
+            soft = rows.detach().numpy() if in_place is None else in_place
+        _slice_sum2(
+            g1,
+            l1.offsets,
+            l1.weights,
+            k[0],
+            post[0],
+            g2,
+            l2.offsets,
+            l2.weights,
+            k[1],
+            post[1],
+            base.detach().numpy(),
+            none2 if out is None else out.detach().numpy(),
+            soft,
+        )
     finally:
         _SCRATCH.give(*grids, *scratch)
 
@@ -959,7 +1002,8 @@ def filter_points(
     post_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Filter (P, C) CPU values (into contiguous ``out`` if given); see :func:`crfasrnn.lattice._torch.filter_points`."""
+    """Filter (P, C) CPU values (into contiguous ``out`` if given); see
+    :func:`crfasrnn.lattice._torch.filter_points`."""
     return filter_each((lattice,), values, reverse, (pre_scale,), (post_scale,), (out,))[0]
 
 
@@ -984,7 +1028,9 @@ def filter_each(
             result = torch.empty(values.shape, dtype=values.dtype) if out is None else out
             grid = _splat_blur(lattice, vals, reverse, pre)
             try:
-                _slice(grid, lattice.offsets, lattice.weights, _alpha(dtype, lattice.dim), post, result.detach().numpy())
+                _slice(
+                    grid, lattice.offsets, lattice.weights, _alpha(dtype, lattice.dim), post, result.detach().numpy()
+                )
             finally:
                 _SCRATCH.give(grid)
             results.append(result)

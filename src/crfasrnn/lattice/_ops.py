@@ -22,15 +22,22 @@ import torch
 
 from .._library import operator
 from . import _torch
+from ._backend import numba_kernels as _numba
 from ._build import LatticeStructure, build_lattice, check_extent
 
-try:  # numba is optional: the torch path is used without it
-    from . import _numba
-except ImportError:  # pragma: no cover - exercised only where numba is absent
-    _numba = None
-
-__all__ = ["FIELDS", "NORMALISER_EPS", "build", "filter_flat", "filter_tensors", "is_numba", "mode_codes", "mode_scales",
-           "phantom_count", "scale_vector", "structure"]
+__all__ = [
+    "FIELDS",
+    "NORMALISER_EPS",
+    "build",
+    "filter_flat",
+    "filter_tensors",
+    "is_numba",
+    "mode_codes",
+    "mode_scales",
+    "phantom_count",
+    "scale_vector",
+    "structure",
+]
 
 #: The tensors of a built lattice over P points with d features, in order (M: the number of vertices).
 FIELDS = (
@@ -60,8 +67,17 @@ def structure(tensors: Sequence[torch.Tensor]):
     num_vertices, dim = neighbours.shape[2] - 1, offsets.shape[1] - 1
     if is_numba(tensors):
         start, points, entry_weights, chunks = (t.numpy() for t in tensors[4:8])
-        return _numba.NumbaLattice(offsets.numpy(), weights.numpy(), neighbours.numpy(), start, points,
-                                   entry_weights, chunks, num_vertices, dim)
+        return _numba.NumbaLattice(
+            offsets.numpy(),
+            weights.numpy(),
+            neighbours.numpy(),
+            start,
+            points,
+            entry_weights,
+            chunks,
+            num_vertices,
+            dim,
+        )
     return LatticeStructure(offsets, weights, neighbours, num_vertices, dim)
 
 
@@ -86,8 +102,12 @@ def mode_scales(mode: int, transpose: bool = False) -> tuple[int, int]:
     """The (pre, post) factor codes of a normalisation mode, or of its transpose (before and after swap)."""
     if mode not in (0, 1, 2, 3):
         raise ValueError(f"normalisation mode must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got {mode!r}")
-    codes = {NO_NORMALIZATION: (_NONE, _NONE), NORMALIZE_BEFORE: (_N, _NONE), NORMALIZE_AFTER: (_NONE, _N),
-             NORMALIZE_SYMMETRIC: (_SQRT_N, _SQRT_N)}[mode]
+    codes = {
+        NO_NORMALIZATION: (_NONE, _NONE),
+        NORMALIZE_BEFORE: (_N, _NONE),
+        NORMALIZE_AFTER: (_NONE, _N),
+        NORMALIZE_SYMMETRIC: (_SQRT_N, _SQRT_N),
+    }[mode]
     return codes[::-1] if transpose else codes
 
 
@@ -158,19 +178,29 @@ def _lattice_build(points: torch.Tensor, backend: str, pad_to: int = 1, compact:
     """
     points = points.contiguous()
     phantoms = phantom_count(points.shape[1], pad_to)
+    numba_lattice = None
     if backend == "numba":  # (its build makes check_extent's checks in its first pass over the features)
-        lat = _numba.build_lattice(points, phantoms, splat_lists=not compact)
+        numba_lattice = _numba.build_lattice(points, phantoms, splat_lists=not compact)
+        lat = numba_lattice
         arrays = (lat.offsets, lat.weights, lat.blur_neighbours)
         splat = (lat.splat_start, lat.splat_points, lat.splat_weights, lat.splat_chunks)
         tensors = [torch.from_numpy(a) for a in arrays] + [torch.empty(0)] + [torch.from_numpy(a) for a in splat]
     else:
         check_extent(points)  # before any kernel: NaN, Inf, magnitudes the arithmetic cannot handle
-        lat = build_lattice(points, phantoms)
+        structure = build_lattice(points, phantoms)
         empty_index = points.new_empty(0, dtype=torch.int64)
-        tensors = [lat.offsets, lat.weights, lat.blur_neighbours, points.new_empty(0), empty_index,
-                   points.new_empty(0, dtype=torch.int32), points.new_empty(0), empty_index.clone()]
-    if backend == "numba" and compact:  # one compiled pass, in the same arithmetic as below
-        tensors[3] = _numba.normalizer(lat, NORMALISER_EPS)
+        tensors = [
+            structure.offsets,
+            structure.weights,
+            structure.blur_neighbours,
+            points.new_empty(0),
+            empty_index,
+            points.new_empty(0, dtype=torch.int32),
+            points.new_empty(0),
+            empty_index.clone(),
+        ]
+    if numba_lattice is not None and compact:  # one compiled pass, in the same arithmetic as below
+        tensors[3] = _numba.normalizer(numba_lattice, NORMALISER_EPS)
         return tensors
     ones = points.new_ones(points.shape[0] * points.shape[1], 1)
     response = filter_flat(tensors, ones, False, None, None)
@@ -183,7 +213,9 @@ def _(points: torch.Tensor, backend: str, pad_to: int = 1, compact: bool = False
     b, n, d = points.shape
     num = b * n
     numba = backend == "numba"
-    rows, chunks = (num + b * phantom_count(n, pad_to)) * (d + 1) + 1, 2  # nominal sizes (the most vertices possible), where no symbol can be made
+    # nominal sizes (the most vertices possible), where no symbol can be made
+    rows: int | torch.SymInt = (num + b * phantom_count(n, pad_to)) * (d + 1) + 1
+    chunks: int | torch.SymInt = 2
     ctx = torch.library.get_ctx() if points.device.type != "meta" else None  # meta tensors carry no data
     if ctx is not None and getattr(ctx, "_shape_env", None) is not None:  # else a FakeTensorMode without a ShapeEnv
         rows = ctx.new_dynamic_size(min=2)  # M + 1 rows: the vertices and the empty one
@@ -194,11 +226,19 @@ def _(points: torch.Tensor, backend: str, pad_to: int = 1, compact: bool = False
     neighbours = points.new_empty((d + 1, 2, rows), dtype=index)
     normalizer = points.new_empty((num,))
     if numba and not compact:
-        splat = [points.new_empty((rows,), dtype=torch.int64), points.new_empty((num * (d + 1),), dtype=torch.int32),
-                 points.new_empty((num * (d + 1),)), points.new_empty((chunks,), dtype=torch.int64)]
+        splat = [
+            points.new_empty((rows,), dtype=torch.int64),
+            points.new_empty((num * (d + 1),), dtype=torch.int32),
+            points.new_empty((num * (d + 1),)),
+            points.new_empty((chunks,), dtype=torch.int64),
+        ]
     else:
-        splat = [points.new_empty((0,), dtype=torch.int64), points.new_empty((0,), dtype=torch.int32),
-                 points.new_empty((0,)), points.new_empty((0,), dtype=torch.int64)]
+        splat = [
+            points.new_empty((0,), dtype=torch.int64),
+            points.new_empty((0,), dtype=torch.int32),
+            points.new_empty((0,)),
+            points.new_empty((0,), dtype=torch.int64),
+        ]
     return [offsets, weights, neighbours, normalizer, *splat]
 
 
@@ -211,8 +251,9 @@ def phantom_count(num_points: int, pad_to: int) -> int:
     """How many zero feature vectors an SSE reference implementation appends to an image of ``num_points`` points.
 
     pydensecrf's and Caffe's lattices elevate the points four at a time and pad the last group with zero features,
-    whose simplex vertices they insert into the lattice like any other (SPEC §3.4, the "phantom vertices"): the blur
-    then also passes through the vertices around the zero vector. ``pad_to`` is that group size (4), or 1 for none.
+    whose simplex vertices they insert into the lattice like any other (docs/reference.md §3.4, the "phantom vertices"):
+    the blur then also passes through the vertices around the zero vector. ``pad_to`` is that group size (4), or 1 for
+    none.
     """
     if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
         raise ValueError(f"pad_to must be an integer >= 1, got {pad_to!r}")
@@ -245,8 +286,9 @@ def _filter_setup(ctx, inputs, output):
 def _filter_backward(ctx, grad):
     reverse, pre_scale, post_scale = ctx.flags
     # the transpose of post ⊙ K (pre ⊙ v) is pre ⊙ Kᵀ (post ⊙ g), and Kᵀ is K with the axes blurred in reverse order
-    grad_values = torch.ops.crfasrnn.lattice_filter(grad.contiguous(), list(ctx.saved_tensors), not reverse,
-                                                    post_scale, pre_scale)
+    grad_values = torch.ops.crfasrnn.lattice_filter(
+        grad.contiguous(), list(ctx.saved_tensors), not reverse, post_scale, pre_scale
+    )
     return grad_values, [None] * len(ctx.saved_tensors), None, None, None
 
 

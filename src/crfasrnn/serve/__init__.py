@@ -72,8 +72,17 @@ def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, log
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines", host)
     logging.getLogger("uvicorn.error").addFilter(_not_a_cancellation)
-    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level, workers=1,
-                            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, timeout_keep_alive=5, lifespan="off")
+    config = uvicorn.Config(
+        create_app(engine),
+        host=host,
+        port=port,
+        log_level=log_level,
+        workers=1,
+        # uvicorn annotates this int | None, but only hands it to asyncio.wait_for, which takes a float
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,  # type: ignore[arg-type]
+        timeout_keep_alive=5,
+        lifespan="off",
+    )
     server = _server_class()(config)
     server.run()  # uvicorn re-raises a caught Ctrl+C once stopped, where Python's own handler is installed ...
     if server.stopped_by is not None:  # ... and where it is not (SIGINT ignored, as in background jobs): the same

@@ -107,11 +107,17 @@ class BodyLimitMiddleware:
     @staticmethod
     async def _refuse(send, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({
-            "type": "http.response.start", "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -122,7 +128,7 @@ async def _compute(engine: Engine, fn, *args, **kwargs):
 
 
 def _read_static(name: str) -> bytes:
-    return resources.files("crfasrnn.serve").joinpath("static", name).read_bytes()
+    return resources.files("crfasrnn.serve").joinpath("static").joinpath(name).read_bytes()
 
 
 async def _field_file(form, name: str) -> bytes | None:
@@ -146,12 +152,12 @@ async def _inputs(request: Request, engine: Engine) -> tuple[dict[str, Any], Any
     content_type = request.headers.get("content-type", "")
     fields: dict[str, Any] = {}
     labels_data = None
-    if content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form-urlencoded"):
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         async with request.form(max_files=2, max_fields=32) as form:
             fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
             image_data = await _field_file(form, "image")
             labels_data = await _field_file(form, "labels")
-    elif content_type.startswith("image/") or content_type.startswith("application/octet-stream"):
+    elif content_type.startswith(("image/", "application/octet-stream")):
         image_data = await request.body()
         fields = dict(request.query_params)
     elif not content_type and not await request.body():
@@ -183,8 +189,11 @@ def create_app(engine: Engine):
     static = {name: _read_static(name) for name in _STATIC}
     app = FastAPI(title="crfasrnn", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     app.state.engine = engine
-    app.add_middleware(BodyLimitMiddleware, max_bytes=engine.limits.max_upload_bytes + FORM_OVERHEAD_BYTES,
-                       body_timeout=engine.limits.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=engine.limits.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        body_timeout=engine.limits.body_timeout_s,
+    )
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
@@ -197,7 +206,7 @@ def create_app(engine: Engine):
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     @app.get("/", include_in_schema=False)
@@ -242,15 +251,17 @@ def create_app(engine: Engine):
         params = RefineParams.parse(fields, engine.limits)
         if labels_data is not None:
             original = getattr(request.state, "original_size", None)
-            labels = await run_in_threadpool(decode_labels, labels_data, photo.shape[:2], engine.limits,
-                                             original=original)
+            labels = await run_in_threadpool(
+                decode_labels, labels_data, photo.shape[:2], engine.limits, original=original
+            )
             labels_source = "upload"
         elif source == "sample":
             labels = await _compute(engine, engine.sample_labels)
             labels_source = "sample"
         else:
             raise ClientError(
-                400, "refinement needs a label map of the photo (form field 'labels': a palette, grey or colour PNG), "
+                400,
+                "refinement needs a label map of the photo (form field 'labels': a palette, grey or colour PNG), "
                 "or use the bundled sample (sample=true) with its coarse annotation",
             )
         result = await _compute(engine, engine.refine, photo, labels, params, notes, source=labels_source)

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,9 +27,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..image import bundled_photo_path, overlay, read_image, voc_palette
 
+if TYPE_CHECKING:
+    from ..models import CrfRnnNet
+
 __all__ = [
-    "ClientError", "Limits", "Engine", "LabelMap", "RefineParams", "REFINE_PARAMETERS", "decode_image", "decode_labels",
-    "class_table", "label_png",
+    "ClientError",
+    "Limits",
+    "Engine",
+    "LabelMap",
+    "RefineParams",
+    "REFINE_PARAMETERS",
+    "decode_image",
+    "decode_labels",
+    "class_table",
+    "label_png",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,7 +160,7 @@ class RefineParams:
     values: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, fields: dict[str, str], limits: Limits) -> "RefineParams":
+    def parse(cls, fields: dict[str, str], limits: Limits) -> RefineParams:
         """Parse form fields (strings); absent fields take :func:`crfasrnn.refine`'s defaults.
 
         Raises:
@@ -218,13 +229,15 @@ def _open(data: bytes, what: str, limits: Limits) -> tuple[Image.Image, list[str
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ClientError(400, f"the uploaded {what} is not an image file (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") from None
+        raise ClientError(
+            400, f"the uploaded {what} is not an image file (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ClientError(413, f"the uploaded {what} is too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ClientError(400, f"the uploaded {what} is corrupt: {exc}") from None
     w, h = im.size
-    notes = []
+    notes: list[str] = []
     if w < 1 or h < 1:
         raise ClientError(400, f"the {what} has no pixels ({w}x{h})")
     if w * h > limits.pixel_limit or (max(w, h) > limits.max_side and not limits.downscale):
@@ -271,7 +284,8 @@ def _decode_image(im: Image.Image, what: str, limits: Limits, notes: list[str]) 
     if im.size != target and im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
         # to the work size in the file's own mode (1 byte a pixel for a bilevel or palette image), before any RGB
         # conversion makes it three or four
-        im = im.resize(target, Image.NEAREST if im.mode in ("1", "P") else Image.BILINEAR)
+        # Pillow sets its filter constants with setattr(): its annotations lack them
+        im = im.resize(target, Image.NEAREST if im.mode in ("1", "P") else Image.BILINEAR)  # type: ignore[attr-defined]
     try:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -281,12 +295,17 @@ def _decode_image(im: Image.Image, what: str, limits: Limits, notes: list[str]) 
         raise ClientError(400, f"the {what} cannot be converted to RGB: {exc}") from None
     target = _fit(im.size, min(limits.max_side, limits.work_side))
     if im.size != target:
-        im = im.resize(target, Image.BILINEAR)
+        # Pillow sets its filter constants with setattr(): its annotations lack them
+        im = im.resize(target, Image.BILINEAR)  # type: ignore[attr-defined]
     if im.size not in (original, original[::-1]):  # (EXIF rotation may swap the sides)
-        reason = f"larger than the {limits.max_side} px limit" if max(original) > limits.max_side else (
-            f"images are processed at most {limits.work_side} px on the longer side"
+        reason = (
+            f"larger than the {limits.max_side} px limit"
+            if max(original) > limits.max_side
+            else (f"images are processed at most {limits.work_side} px on the longer side")
         )
-        notes.append(f"{what} processed at {im.size[0]}x{im.size[1]}, downscaled from {original[0]}x{original[1]} ({reason})")
+        notes.append(
+            f"{what} processed at {im.size[0]}x{im.size[1]}, downscaled from {original[0]}x{original[1]} ({reason})"
+        )
     return np.asarray(im).copy(), notes
 
 
@@ -307,24 +326,28 @@ class LabelMap:
     names: tuple[str, ...]
 
     @classmethod
-    def from_annotation(cls, annotation, size: tuple[int, int], *, names=None) -> "LabelMap":
+    def from_annotation(cls, annotation, size: tuple[int, int], *, names=None) -> LabelMap:
         """From a :class:`crfasrnn.image.Annotation`, resized (nearest) to ``size`` = (height, width)."""
         labels = np.asarray(annotation.labels, dtype=np.int64)
-        unknown = np.zeros(labels.shape, bool) if annotation.unknown_label is None else labels == annotation.unknown_label
+        unknown = (
+            np.zeros(labels.shape, bool) if annotation.unknown_label is None else labels == annotation.unknown_label
+        )
         known = labels[~unknown]
         if known.size == 0:
             raise ClientError(400, "the label map has no labelled pixel (all unknown)")
         if int(known.min()) < 0 or int(known.max()) >= UNKNOWN_LABEL:
             raise ClientError(
-                400, f"label values must lie in 0..{UNKNOWN_LABEL - 1} ({UNKNOWN_LABEL} = unknown), "
-                f"got {int(known.min())}..{int(known.max())}"
+                400,
+                f"label values must lie in 0..{UNKNOWN_LABEL - 1} ({UNKNOWN_LABEL} = unknown), "
+                f"got {int(known.min())}..{int(known.max())}",
             )
         num_classes = annotation.num_classes or max(int(known.max()) + 1, 2)
         display = np.where(unknown, UNKNOWN_LABEL, labels)
         height, width = size
         if display.shape != (height, width):
             display = np.asarray(
-                Image.fromarray(display.astype(np.uint8)).resize((width, height), Image.NEAREST)
+                # Pillow sets its filter constants with setattr(): its annotations lack them
+                Image.fromarray(display.astype(np.uint8)).resize((width, height), Image.NEAREST)  # type: ignore[attr-defined]
             ).astype(np.int64)
         palette = voc_palette()
         colors = np.asarray(annotation.colors(), dtype=np.uint8)
@@ -335,8 +358,9 @@ class LabelMap:
         return cls(display, num_classes, palette, tuple(names))
 
 
-def decode_labels(data: bytes, size: tuple[int, int], limits: Limits, *,
-                  original: tuple[int, int] | None = None) -> LabelMap:
+def decode_labels(
+    data: bytes, size: tuple[int, int], limits: Limits, *, original: tuple[int, int] | None = None
+) -> LabelMap:
     """Decode an uploaded label map with :func:`crfasrnn.image.read_annotation`, sized (nearest) to ``size``.
 
     Accepted as ``crfasrnn refine --labels`` accepts them: a VOC-palette or grey PNG of integer labels (255 =
@@ -351,21 +375,28 @@ def decode_labels(data: bytes, size: tuple[int, int], limits: Limits, *,
     """
     im, _ = _open(data, "label map", limits)
     height, width = size
-    allowed = {(width, height)}
+    allowed: set[tuple[int, ...]] = {(width, height)}
     if original is not None:
         allowed |= {tuple(original), tuple(original)[::-1]}
     if im.size not in allowed:
         im.close()
-        uploaded = f" (uploaded at {original[0]}x{original[1]})" if original is not None and original != (width, height) \
+        uploaded = (
+            f" (uploaded at {original[0]}x{original[1]})"
+            if original is not None and original != (width, height)
             else ""
-        raise ClientError(400, f"the label map is {im.size[0]}x{im.size[1]} but the photo is {width}x{height}"
-                               f"{uploaded}: the sizes must agree")
+        )
+        raise ClientError(
+            400,
+            f"the label map is {im.size[0]}x{im.size[1]} but the photo is {width}x{height}"
+            f"{uploaded}: the sizes must agree",
+        )
     from ..image import read_annotation
 
     with _decoding(limits), tempfile.TemporaryDirectory(prefix="crfasrnn-serve-") as folder:
         path = Path(folder) / "labels.png"  # a name the server chooses; the client's file name is never used
-        if im.size != (width, height) and im.size != (height, width):
-            small = _load(im, "label map").resize((width, height), Image.NEAREST)  # keeps the mode and palette
+        if im.size not in ((width, height), (height, width)):
+            # keeps the mode and palette (Pillow sets its filter constants with setattr(): its annotations lack them)
+            small = _load(im, "label map").resize((width, height), Image.NEAREST)  # type: ignore[attr-defined]
             small.save(path, format="PNG")
         else:
             path.write_bytes(data)
@@ -373,7 +404,9 @@ def decode_labels(data: bytes, size: tuple[int, int], limits: Limits, *,
         try:
             annotation = read_annotation(path)
         except ValueError as exc:
-            raise ClientError(400, f"the uploaded label map cannot be used: {str(exc).replace(str(path), 'upload')}") from None
+            raise ClientError(
+                400, f"the uploaded label map cannot be used: {str(exc).replace(str(path), 'upload')}"
+            ) from None
     return LabelMap.from_annotation(annotation, size)
 
 
@@ -394,7 +427,8 @@ def class_table(labels: np.ndarray, names, palette: np.ndarray | None = None) ->
     """The classes present in ``labels``: label, name, colour (#rrggbb), pixel count and share, largest first.
 
     Example:
-        >>> [(r["name"], r["pixels"], r["share"]) for r in class_table(np.array([[0, 15], [15, 15]]), {0: "bg", 15: "person"})]
+        >>> table = class_table(np.array([[0, 15], [15, 15]]), {0: "bg", 15: "person"})
+        >>> [(r["name"], r["pixels"], r["share"]) for r in table]
         [('person', 3, 0.75), ('bg', 1, 0.25)]
     """
     labels = np.asarray(labels)
@@ -402,14 +436,19 @@ def class_table(labels: np.ndarray, names, palette: np.ndarray | None = None) ->
     palette = voc_palette() if palette is None else palette
     lookup = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
     rows = []
-    for label in np.flatnonzero(counts):
-        label = int(label)
+    for index in np.flatnonzero(counts):
+        label = int(index)
         name = lookup.get(label, "unknown" if label == UNKNOWN_LABEL else f"label {label}")
         r, g, b = (int(c) for c in palette[label])
-        rows.append({
-            "label": label, "name": name, "color": f"#{r:02x}{g:02x}{b:02x}",
-            "pixels": int(counts[label]), "share": float(counts[label] / labels.size),
-        })
+        rows.append(
+            {
+                "label": label,
+                "name": name,
+                "color": f"#{r:02x}{g:02x}{b:02x}",
+                "pixels": int(counts[label]),
+                "share": float(counts[label] / labels.size),
+            }
+        )
     rows.sort(key=lambda row: (-row["pixels"], row["label"]))
     return rows
 
@@ -439,7 +478,7 @@ class Engine:
 
     def __init__(
         self,
-        model: torch.nn.Module | None = None,
+        model: CrfRnnNet | None = None,
         *,
         class_names: list[str] | tuple[str, ...] | None = None,
         device: str | torch.device = "cpu",
@@ -476,13 +515,21 @@ class Engine:
     @classmethod
     def from_weights(
         cls, path, *, device: str | torch.device = "cpu", limits: Limits | None = None, num_iterations: int = 10
-    ) -> "Engine":
+    ) -> Engine:
         """Load a weights file once (any format :func:`crfasrnn.weights.load_model` reads) and serve its model."""
+        from ..models import CrfRnnNet
         from ..weights import load_model
 
         model, info = load_model(path, num_iterations=num_iterations, device=device)
+        if not isinstance(model, CrfRnnNet):  # an FCN-8s without its CRF (e.g. a checkpoint of training's first stage)
+            raise ValueError(  # noqa: TRY004 (what a file holds: a bad file, not a bad argument)
+                f"{path} holds an FCN-8s without a CRF-RNN layer: the demo serves a CRF-RNN network"
+            )
         weights = {
-            "file": Path(path).name, "format": info.format, "sha256": info.sha256, "num_classes": info.num_classes,
+            "file": Path(path).name,
+            "format": info.format,
+            "sha256": info.sha256,
+            "num_classes": info.num_classes,
             "source": info.metadata.get("source_file") or Path(path).name,
         }
         if "paper" in info.metadata:
@@ -505,8 +552,11 @@ class Engine:
             "device": str(self.device),
             "weights": self.weights,
             "limits": {
-                "max_upload_bytes": limits.max_upload_bytes, "max_side": limits.max_side,
-                "downscale": limits.downscale, "max_pixels": limits.pixel_limit, "work_side": limits.work_side,
+                "max_upload_bytes": limits.max_upload_bytes,
+                "max_side": limits.max_side,
+                "downscale": limits.downscale,
+                "max_pixels": limits.pixel_limit,
+                "work_side": limits.work_side,
             },
             "refine_parameters": refine_parameters(limits),
         }
@@ -517,7 +567,8 @@ class Engine:
             photo = read_image(bundled_photo_path())
             target = _fit((photo.shape[1], photo.shape[0]), self.limits.work_side)
             if target != (photo.shape[1], photo.shape[0]):
-                photo = np.array(Image.fromarray(photo).resize(target, Image.BILINEAR))
+                # Pillow sets its filter constants with setattr(): its annotations lack them
+                photo = np.array(Image.fromarray(photo).resize(target, Image.BILINEAR))  # type: ignore[attr-defined]
             self._sample = photo
         return self._sample
 
@@ -556,8 +607,13 @@ class Engine:
         return self._response("segment", photo, views, notes, start, compute)
 
     def refine(
-        self, photo: np.ndarray, labels: LabelMap, params: RefineParams, notes: list[str] | None = None,
-        *, source: str = "upload",
+        self,
+        photo: np.ndarray,
+        labels: LabelMap,
+        params: RefineParams,
+        notes: list[str] | None = None,
+        *,
+        source: str = "upload",
     ) -> dict[str, Any]:
         """Refine a label map of ``photo`` with :func:`crfasrnn.refine` (views ``refined`` and ``input``)."""
         start = time.perf_counter()
@@ -568,8 +624,12 @@ class Engine:
             compute_start = time.perf_counter()
             try:
                 refined = refine(
-                    photo, labels=labels.labels, num_classes=labels.num_classes, unknown_label=UNKNOWN_LABEL,
-                    device=self.device, **params.values,
+                    photo,
+                    labels=labels.labels,
+                    num_classes=labels.num_classes,
+                    unknown_label=UNKNOWN_LABEL,
+                    device=self.device,
+                    **params.values,
                 )
             except (ValueError, TypeError) as exc:
                 raise ClientError(400, f"refinement failed: {exc}") from None

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 
-from PIL import Image  # noqa: E402
-from serve_helpers import LiveServer, segment_engine  # noqa: E402,F401
+from PIL import Image
+from playwright import sync_api
+from serve_helpers import LiveServer
 
-from crfasrnn.demo import DEMO_CLASSES  # noqa: E402
-from crfasrnn.image import bundled_annotation_path, bundled_photo_path  # noqa: E402
-from crfasrnn.serve import Engine, Limits, create_app  # noqa: E402
+from crfasrnn.demo import DEMO_CLASSES
+from crfasrnn.image import bundled_annotation_path, bundled_photo_path
+from crfasrnn.serve import Engine, Limits, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 APT_PACKAGES = ["chromium", "fonts-dejavu-core"]
@@ -36,13 +37,27 @@ def _install_chromium() -> str | None:
     if os.geteuid() != 0:
         return "not root, so apt-get cannot install the chromium package (install it: apt-get install chromium)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600",
-               *APT_PACKAGES]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+    install = [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=600",
+        *APT_PACKAGES,
+    ]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200, check=False)
     if result.returncode != 0:  # the package lists may be missing or stale: refresh them once and retry
-        subprocess.run(["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=600"], env=env, capture_output=True,
-                       text=True, timeout=600)
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+        subprocess.run(
+            ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=600"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,  # a failed refresh shows in the retried install's result
+        )
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200, check=False)
     if result.returncode != 0 or not CHROMIUM.exists():
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         return f"apt-get install chromium failed ({tail[0]})"
@@ -117,7 +132,7 @@ def test_browser_refine_mode_upload(browser, artifacts):
         assert result["overlay"] == result["photo"] == result["labels"] == [side, side]  # the 500×500 photo, scaled
         assert len(result["legend"]) >= 2 and all("%" in row for row in result["legend"])
         names = {row.split("\t")[1] for row in result["legend"]}
-        assert len(names) >= 3 and {"label 0", "label 1"} <= names and names <= {f"label {k}" for k in range(5)}
+        assert len(names) >= 3 and {"label 0", "label 1"} <= names <= {f"label {k}" for k in range(5)}
         assert " s (server " in result["status"] and result["error"] == ""
         assert result["toggles"] == ["refined", "input"]
         shot = artifacts / "serve-refine.png"

@@ -13,26 +13,16 @@ import torch
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 
-from PIL import Image  # noqa: E402
-from serve_helpers import (  # noqa: E402,F401  (fixtures are used by name)
-    client,
-    coarse_of,
-    decode_png,
-    live_server,
-    png_bytes,
-    refine_engine,
-    segment_client,
-    segment_engine,
-    two_region_photo,
-)
+from PIL import Image
+from serve_helpers import coarse_of, decode_png, png_bytes, two_region_photo
 
-from crfasrnn.demo import DEMO_CLASSES  # noqa: E402
-from crfasrnn.image import bundled_annotation_path, overlay, read_annotation  # noqa: E402
-from crfasrnn.refine import refine  # noqa: E402
-from crfasrnn.serve import Engine, Limits, create_app  # noqa: E402
-from crfasrnn.serve.app import BodyLimitMiddleware  # noqa: E402
-from crfasrnn.serve.engine import class_table, decode_image  # noqa: E402
-from crfasrnn.transforms import VOC_CLASSES, postprocess, prepare  # noqa: E402
+from crfasrnn.demo import DEMO_CLASSES
+from crfasrnn.image import bundled_annotation_path, overlay, read_annotation
+from crfasrnn.refine import refine
+from crfasrnn.serve import Engine, Limits, create_app
+from crfasrnn.serve.app import BodyLimitMiddleware
+from crfasrnn.serve.engine import class_table, decode_image
+from crfasrnn.transforms import VOC_CLASSES, postprocess, prepare
 
 
 def _labels(view) -> np.ndarray:
@@ -50,8 +40,11 @@ def _files(photo, labels=None, **extra):
     if labels is None:
         labels = np.zeros(photo.shape[:2], np.uint8)
         labels[:, photo.shape[1] // 2 :] = 1
-    return {"image": ("p.png", png_bytes(photo), "image/png"),
-            "labels": ("l.png", png_bytes(labels, palette=labels.ndim == 2), "image/png"), **extra}
+    return {
+        "image": ("p.png", png_bytes(photo), "image/png"),
+        "labels": ("l.png", png_bytes(labels, palette=labels.ndim == 2), "image/png"),
+        **extra,
+    }
 
 
 def _photo(answer) -> np.ndarray:
@@ -74,12 +67,15 @@ def _check_view_consistency(answer, view, names):
         int(k): int(counts[k]) for k in np.flatnonzero(counts)
     }
     assert sum(row["share"] for row in view["classes"]) == pytest.approx(1.0)
-    assert [row["pixels"] for row in view["classes"]] == sorted((row["pixels"] for row in view["classes"]), reverse=True)
+    assert [row["pixels"] for row in view["classes"]] == sorted(
+        (row["pixels"] for row in view["classes"]), reverse=True
+    )
     for row in view["classes"]:
         assert row["name"] == names(row["label"])
-        assert row["color"] == "#%02x%02x%02x" % tuple(palette[row["label"]])
-    np.testing.assert_array_equal(np.asarray(decode_png(view["overlay_png"]).convert("RGB")),
-                                  overlay(photo, labels, palette))
+        assert row["color"] == "#{:02x}{:02x}{:02x}".format(*palette[row["label"]])
+    np.testing.assert_array_equal(
+        np.asarray(decode_png(view["overlay_png"]).convert("RGB")), overlay(photo, labels, palette)
+    )
 
 
 # --- page and info -------------------------------------------------------------------------------------------------
@@ -88,13 +84,20 @@ def _check_view_consistency(answer, view, names):
 def test_page_and_static_files(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<script src="/static/app.js"' in page.text and 'id="overlay-img"' in page.text and 'id="legend"' in page.text
+    assert (
+        '<script src="/static/app.js"' in page.text and 'id="overlay-img"' in page.text and 'id="legend"' in page.text
+    )
     assert "default-src 'self'" in page.headers["content-security-policy"]
     script = client.get("/static/app.js")
     assert script.status_code == 200 and "/api/refine" in script.text
     assert client.get("/static/style.css").status_code == 200
     # no client path reaches the file system: anything but the two named files is 404
-    for path in ("/static/index.html", "/static/..%2f..%2fpyproject.toml", "/static/%2e%2e/engine.py", "/pyproject.toml"):
+    for path in (
+        "/static/index.html",
+        "/static/..%2f..%2fpyproject.toml",
+        "/static/%2e%2e/engine.py",
+        "/pyproject.toml",
+    ):
         assert client.get(path).status_code == 404, path
 
 
@@ -105,8 +108,15 @@ def test_info_in_refine_mode(client):
     assert info["limits"]["max_upload_bytes"] == 10 * 1024 * 1024 and info["limits"]["max_side"] == 4096
     signature = inspect.signature(refine)
     names = [p["name"] for p in info["refine_parameters"]]
-    assert names == ["num_iterations", "theta_alpha", "theta_beta", "theta_gamma", "spatial_weight",
-                     "bilateral_weight", "gt_prob"]
+    assert names == [
+        "num_iterations",
+        "theta_alpha",
+        "theta_beta",
+        "theta_gamma",
+        "spatial_weight",
+        "bilateral_weight",
+        "gt_prob",
+    ]
     for p in info["refine_parameters"]:  # the sliders start at crfasrnn.refine's own defaults, within their range
         assert p["default"] == signature.parameters[p["name"]].default
         assert p["min"] <= p["default"] <= p["max"]
@@ -115,8 +125,11 @@ def test_info_in_refine_mode(client):
 def test_class_table_by_hand():
     labels = np.array([[0, 0, 15], [15, 15, 15], [255, 255, 15]])
     table = class_table(labels, VOC_CLASSES)
-    assert [(r["label"], r["name"], r["pixels"]) for r in table] == [(15, "person", 5), (0, "background", 2),
-                                                                     (255, "unknown", 2)]
+    assert [(r["label"], r["name"], r["pixels"]) for r in table] == [
+        (15, "person", 5),
+        (0, "background", 2),
+        (255, "unknown", 2),
+    ]
     assert table[0]["share"] == pytest.approx(5 / 9) and table[0]["color"] == "#c08080"
 
 
@@ -124,8 +137,15 @@ def test_class_table_by_hand():
 
 
 def test_refine_sample_equals_the_library(client, refine_engine):
-    params = {"num_iterations": 4, "theta_alpha": 40, "theta_beta": 10, "theta_gamma": 2, "spatial_weight": 2,
-              "bilateral_weight": 6, "gt_prob": 0.6}
+    params = {
+        "num_iterations": 4,
+        "theta_alpha": 40,
+        "theta_beta": 10,
+        "theta_gamma": 2,
+        "spatial_weight": 2,
+        "bilateral_weight": 6,
+        "gt_prob": 0.6,
+    }
     response = client.post("/api/refine", data={"sample": "true", **{k: str(v) for k, v in params.items()}})
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -154,8 +174,10 @@ def test_refine_uploaded_labels_snap_to_the_edge(client):
     coarse = coarse_of(truth, shift=5, band=3)
     response = client.post(
         "/api/refine",
-        files={"image": ("p.png", png_bytes(photo), "image/png"), "labels": ("l.png", png_bytes(coarse, palette=True),
-                                                                          "image/png")},
+        files={
+            "image": ("p.png", png_bytes(photo), "image/png"),
+            "labels": ("l.png", png_bytes(coarse, palette=True), "image/png"),
+        },
     )
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -166,8 +188,13 @@ def test_refine_uploaded_labels_snap_to_the_edge(client):
     assert (coarse[coarse != 255] != truth[coarse != 255]).mean() > 0.05  # the input is wrong on a band of columns
     assert (refined == truth).mean() > 0.99  # the refined boundary sits on the colour edge
     # a grayscale (mode L) label map reads the same as the palette one
-    again = client.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png"),
-                                              "labels": ("l.png", png_bytes(coarse.astype(np.uint8)), "image/png")})
+    again = client.post(
+        "/api/refine",
+        files={
+            "image": ("p.png", png_bytes(photo), "image/png"),
+            "labels": ("l.png", png_bytes(coarse.astype(np.uint8)), "image/png"),
+        },
+    )
     np.testing.assert_array_equal(_labels(_view(again.json(), "refined")), refined)
 
 
@@ -195,9 +222,14 @@ def test_refine_colour_annotation_keeps_its_colours(client):
 def test_zero_iterations_keep_the_input_labels(client):
     photo, truth = two_region_photo(32, 32, split=16)
     coarse = coarse_of(truth, shift=3, band=0)
-    answer = client.post("/api/refine", data={"num_iterations": "0"},
-                         files={"image": ("p.png", png_bytes(photo), "image/png"),
-                                "labels": ("l.png", png_bytes(coarse, palette=True), "image/png")}).json()
+    answer = client.post(
+        "/api/refine",
+        data={"num_iterations": "0"},
+        files={
+            "image": ("p.png", png_bytes(photo), "image/png"),
+            "labels": ("l.png", png_bytes(coarse, palette=True), "image/png"),
+        },
+    ).json()
     np.testing.assert_array_equal(_labels(_view(answer, "refined")), coarse)
 
 
@@ -212,9 +244,13 @@ def test_raw_image_body(segment_client):
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("num_iterations", "1000", "num_iterations must lie in 0..50"), ("theta_beta", "abc", "theta_beta must be a number"),
-     ("gt_prob", "1.5", "gt_prob must lie in"), ("num_iterations", "2.5", "must be an integer"),
-     ("theta_alpha", "nan", "theta_alpha must lie in")],
+    [
+        ("num_iterations", "1000", "num_iterations must lie in 0..50"),
+        ("theta_beta", "abc", "theta_beta must be a number"),
+        ("gt_prob", "1.5", "gt_prob must lie in"),
+        ("num_iterations", "2.5", "must be an integer"),
+        ("theta_alpha", "nan", "theta_alpha must lie in"),
+    ],
 )
 def test_bad_parameters_are_422(client, field, value, message):
     response = client.post("/api/refine", data={"sample": "true", field: value})
@@ -243,19 +279,54 @@ def _truncated_png() -> bytes:
         ({"image": ("x.png", _truncated_png(), "image/png")}, {}, 400, "corrupt"),
         ({}, {"image": "a string, not a file"}, 400, "must be a file upload"),
         ({}, {}, 400, "no image"),
-        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
-          "labels": ("l.png", png_bytes(two_region_photo(32, 32)[0]), "image/png")}, {}, 400, "is it a photo"),
-        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
-          "labels": ("l.png", png_bytes(np.zeros((32, 50), np.uint8)), "image/png")}, {}, 400, "sizes must agree"),
-        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
-          "labels": ("l.png", png_bytes(np.full((32, 32), 255, np.uint8)), "image/png")}, {}, 400,
-         "no labelled pixel"),
-        ({"image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
-          "labels": ("l.png", png_bytes(np.full((32, 32), 300, np.uint16)), "image/png")}, {}, 400,
-         "0..254"),
+        (
+            {
+                "image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+                "labels": ("l.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+            },
+            {},
+            400,
+            "is it a photo",
+        ),
+        (
+            {
+                "image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+                "labels": ("l.png", png_bytes(np.zeros((32, 50), np.uint8)), "image/png"),
+            },
+            {},
+            400,
+            "sizes must agree",
+        ),
+        (
+            {
+                "image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+                "labels": ("l.png", png_bytes(np.full((32, 32), 255, np.uint8)), "image/png"),
+            },
+            {},
+            400,
+            "no labelled pixel",
+        ),
+        (
+            {
+                "image": ("p.png", png_bytes(two_region_photo(32, 32)[0]), "image/png"),
+                "labels": ("l.png", png_bytes(np.full((32, 32), 300, np.uint16)), "image/png"),
+            },
+            {},
+            400,
+            "0..254",
+        ),
     ],
-    ids=["not-an-image", "empty", "truncated", "text-field", "nothing", "rgb-labels", "labels-size", "all-unknown",
-         "labels-range"],
+    ids=[
+        "not-an-image",
+        "empty",
+        "truncated",
+        "text-field",
+        "nothing",
+        "rgb-labels",
+        "labels-size",
+        "all-unknown",
+        "labels-range",
+    ],
 )
 def test_bad_uploads_are_4xx_and_the_server_keeps_serving(client, files, data, status, message):
     response = client.post("/api/refine", files=files or None, data=data)
@@ -265,8 +336,9 @@ def test_bad_uploads_are_4xx_and_the_server_keeps_serving(client, files, data, s
 
 
 def test_wrong_content_type_is_415(client):
-    response = client.post("/api/refine", content=json.dumps({"image": "/etc/passwd"}),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/api/refine", content=json.dumps({"image": "/etc/passwd"}), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 415 and "multipart" in response.json()["error"]
 
 
@@ -362,8 +434,11 @@ def test_image_modes_are_converted():
     grey = np.asarray(Image.fromarray(photo).convert("L"))
     rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
     sixteen = grey.astype(np.uint16) * 256
-    for data, expected in ((png_bytes(grey), np.repeat(grey[..., None], 3, axis=2)), (png_bytes(rgba), photo),
-                           (png_bytes(sixteen), np.repeat(grey[..., None], 3, axis=2))):
+    for data, expected in (
+        (png_bytes(grey), np.repeat(grey[..., None], 3, axis=2)),
+        (png_bytes(rgba), photo),
+        (png_bytes(sixteen), np.repeat(grey[..., None], 3, axis=2)),
+    ):
         np.testing.assert_array_equal(decode_image(data, Limits())[0], expected)
 
 
@@ -411,9 +486,14 @@ def test_parallel_requests_get_their_own_results(live_server):
     def post(case):
         photo, _, coarse = case
         with httpx.Client(base_url=live_server.url, timeout=120) as http:
-            response = http.post("/api/refine", data={"num_iterations": "5"},
-                                 files={"image": ("p.png", png_bytes(photo), "image/png"),
-                                        "labels": ("l.png", png_bytes(coarse, palette=True), "image/png")})
+            response = http.post(
+                "/api/refine",
+                data={"num_iterations": "5"},
+                files={
+                    "image": ("p.png", png_bytes(photo), "image/png"),
+                    "labels": ("l.png", png_bytes(coarse, palette=True), "image/png"),
+                },
+            )
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -459,9 +539,13 @@ def test_segment_upload_and_refine_in_segment_mode(segment_client):
     answer = segment_client.post("/api/segment", files={"image": ("p.png", png_bytes(photo), "image/png")}).json()
     assert (answer["width"], answer["height"]) == (60, 40) and _labels(_view(answer, "crf")).shape == (40, 60)
     coarse = coarse_of(truth, shift=4, band=2)
-    response = segment_client.post("/api/refine", files={"image": ("p.png", png_bytes(photo), "image/png"),
-                                                         "labels": ("l.png", png_bytes(coarse, palette=True),
-                                                                    "image/png")})
+    response = segment_client.post(
+        "/api/refine",
+        files={
+            "image": ("p.png", png_bytes(photo), "image/png"),
+            "labels": ("l.png", png_bytes(coarse, palette=True), "image/png"),
+        },
+    )
     assert response.status_code == 200 and (_labels(_view(response.json(), "refined")) == truth).mean() > 0.98
     bad = segment_client.post("/api/segment", files={"image": ("p.png", b"GIF89a broken", "image/gif")})
     assert bad.status_code == 400 and ("corrupt" in bad.json()["error"] or "not an image" in bad.json()["error"])
@@ -529,10 +613,12 @@ def test_cli_serve_with_synthetic_weights(captured_server, tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["serve", "--weights", "/nonexistent/w.pt"], "not found"),
-     (["serve", "--device", "cuda:99"], "cuda"),
-     (["serve", "--max-upload-mb", "0"], "--max-upload-mb"),
-     (["serve", "--max-side", "0"], "max_side")],
+    [
+        (["serve", "--weights", "/nonexistent/w.pt"], "not found"),
+        (["serve", "--device", "cuda:99"], "cuda"),
+        (["serve", "--max-upload-mb", "0"], "--max-upload-mb"),
+        (["serve", "--max-side", "0"], "max_side"),
+    ],
 )
 def test_cli_serve_errors_are_one_line(argv, message, captured_server, capsys, monkeypatch):
     from crfasrnn.cli import main
@@ -573,8 +659,13 @@ def test_cli_serve_really_serves(tmp_path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "CRFASRNN_WEIGHTS"}
-    process = subprocess.Popen([sys.executable, "-m", "crfasrnn", "serve", "--port", str(port), "--work-side", "64"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crfasrnn", "serve", "--port", str(port), "--work-side", "64"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -586,13 +677,14 @@ def test_cli_serve_really_serves(tmp_path):
                 assert time.monotonic() < deadline, "the server did not answer within 60 s"
                 time.sleep(0.2)
         assert info["mode"] == "refine" and info["limits"]["work_side"] == 64
-        answer = httpx.post(f"http://127.0.0.1:{port}/api/refine", data={"sample": "true", "num_iterations": "1"},
-                            timeout=60)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/api/refine", data={"sample": "true", "num_iterations": "1"}, timeout=60
+        )
         assert answer.status_code == 200 and answer.json()["width"] == 64
         bad = httpx.post(f"http://127.0.0.1:{port}/api/refine", files={"image": ("x.png", b"junk", "image/png")})
         assert bad.status_code == 400
         assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=5).status_code == 200  # still serving
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
+        out, _err = process.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/" in out

@@ -24,7 +24,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 LABEL_BOMB_MB = 500  # peak RSS growth allowed over eight concurrent label-map bombs
-PHOTO_BOMB_MB = 1000  # ... and over four concurrent 8192x8192 photo + label-map pairs, decoded and refined at 1024x1024 (measured: about 580)
+# ... and over four concurrent 8192x8192 photo + label-map pairs, decoded and refined at 1024x1024 (measured: about 580)
+PHOTO_BOMB_MB = 1000
 
 
 def _png(im: Image.Image) -> bytes:
@@ -47,8 +48,11 @@ def server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "crfasrnn", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crfasrnn", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -81,8 +85,9 @@ def test_label_map_bombs_for_a_small_photo_are_refused_from_the_header(server):
 
     def send():
         def one(_):
-            return httpx.post(f"{url}/api/refine", files={"image": ("p.png", photo), "labels": ("l.png", bomb)},
-                              timeout=120)
+            return httpx.post(
+                f"{url}/api/refine", files={"image": ("p.png", photo), "labels": ("l.png", bomb)}, timeout=120
+            )
 
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(one, range(8)))
@@ -107,8 +112,12 @@ def test_huge_photo_and_label_map_pairs_are_decoded_within_the_bound(server):
 
     def send():
         def one(_):
-            return httpx.post(f"{url}/api/refine", files={"image": ("p.png", photo), "labels": ("l.png", labels)},
-                              data={"num_iterations": "2"}, timeout=300)
+            return httpx.post(
+                f"{url}/api/refine",
+                files={"image": ("p.png", photo), "labels": ("l.png", labels)},
+                data={"num_iterations": "2"},
+                timeout=300,
+            )
 
         with ThreadPoolExecutor(4) as pool:
             answers.extend(pool.map(one, range(4)))

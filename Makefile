@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format test-py310 bench bench-setup clean
+.PHONY: demo test lint format test-py310 print-python310 bench bench-setup clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 # The suite on the oldest Python the package supports, in its own environment (.venv310). PYTHON310 is any 3.10
-# interpreter; by default the one on PATH, else pyenv's. torch 2.13.0 for 3.10 comes from PyPI (a CUDA build that
-# runs on the CPU; about 5 GB installed).
-PYTHON310 ?= $(shell command -v python3.10 2>/dev/null || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python 2>/dev/null | tail -1)
+# interpreter that runs: by default pyenv's, else the one on PATH. torch 2.13.0 for 3.10 comes from PyPI (a CUDA
+# build, which runs on the CPU; about 5 GB installed, half a minute here).
+PYTHON310 ?= $(shell for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python3.10 $$(command -v python3.10); do "$$p" -V >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV310 ?= .venv310
 STAMP310 := $(VENV310)/.installed
 
@@ -43,6 +43,9 @@ $(STAMP310): pyproject.toml requirements-dev.txt
 	$(VENV310)/bin/python -m pip install --quiet -r requirements-dev.txt
 	$(VENV310)/bin/python -m pip install --quiet -e .
 	touch $(STAMP310)
+
+print-python310:
+	@echo $(PYTHON310)
 
 test-py310: $(STAMP310)
 	$(VENV310)/bin/python -m pytest -q

@@ -74,7 +74,7 @@ def tiny_network(num_classes: int = 21, *, seed: int = 0) -> CrfRnnNet:
     torch.manual_seed(seed)
     net = CrfRnnNet(num_classes, num_iterations=3, width=1 / 16)
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for name, p in net.backbone.named_parameters():
             if name.startswith("score"):  # the heads start at zero (all background); random weights, zero biases
                 p.normal_(0, 0.5) if p.ndim == 4 else p.zero_()
     return net.eval()

@@ -29,10 +29,16 @@ _V1_TYPES = {
 
 
 def random_state_dict(num_classes: int = 21, *, width: float = 1 / 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors of CrfRnnNet's shapes (fan-in scaled, so logits stay moderate); CRF matrices near the init."""
+    """Random tensors of CrfRnnNet's shapes (fan-in scaled, so logits stay moderate); CRF matrices near the init.
+
+    In the flat layout (FCN-8s keys next to ``crf.*``): the names the published formats' tables give, which the
+    writers below take; ``crfasrnn.weights.compose_keys`` gives CrfRnnNet's keys.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in CrfRnnNet(num_classes, width=width).state_dict().items()}
+        net = CrfRnnNet(num_classes, width=width)
+        shapes = {k: v.shape for k, v in net.backbone.state_dict().items()}
+        shapes.update({f"crf.{k}": v.shape for k, v in net.crf.state_dict().items()})
     out = {}
     for key, shape in shapes.items():
         std = shape[1:].numel() ** -0.5 if len(shape) > 1 else 0.1

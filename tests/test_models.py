@@ -1,4 +1,5 @@
-"""FCN-8s and CrfRnnNet: the port's state_dict layout (SPEC §6.2), the sizes of SPEC §6.1, crops, any input size."""
+"""FCN-8s and CrfRnnNet: the port's state_dict layout (SPEC §6.2), the sizes of SPEC §6.1, crops, any input size;
+CrfRnnNet as a composition (backbone + CRF): other backbones, its key layout, files of the flat layout."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import torch
 
 from crfasrnn import CrfRnn
 from crfasrnn.models import CROP_OFFSETS, CrfRnnNet, FCN8s, bilinear_kernel
+from crfasrnn.weights import FLAT_KEYS, compose_keys, load_model, load_weights, state_dict_for
 
-# SPEC §6.2, as printed from the PyTorch port's CrfRnnNet().state_dict(), with the port's crfrnn.* replaced by ours.
+# SPEC §6.2, as printed from the PyTorch port's CrfRnnNet().state_dict(), with the port's crfrnn.* replaced by ours:
+# the port's backbone keys (SPEC_STATE_DICT) next to the CRF's. Our CrfRnnNet composes the two (backbone + crf), so its
+# backbone's state_dict is SPEC_STATE_DICT and its own holds the same tensors under backbone.* and crf.*.
 _C = 21
 SPEC_STATE_DICT = {
     "conv1_1.weight": (64, 3, 3, 3), "conv1_1.bias": (64,),
@@ -46,8 +50,13 @@ def test_state_dict_matches_spec_full_width():
     with torch.device("meta"):  # 134 M parameters without allocating them
         fcn, net = FCN8s(), CrfRnnNet()
     assert _shapes(fcn) == SPEC_STATE_DICT
-    assert _shapes(net) == {**SPEC_STATE_DICT, **SPEC_CRF}
+    assert _shapes(net.backbone) == SPEC_STATE_DICT  # the backbone's state_dict is the port's backbone layout
+    assert _shapes(net.crf) == {k.removeprefix("crf."): v for k, v in SPEC_CRF.items()}
+    # the whole network: the port's tensors (crfrnn.* as ours), its backbone's under backbone.*
+    assert _shapes(net) == {**{f"backbone.{k}": v for k, v in SPEC_STATE_DICT.items()}, **SPEC_CRF}
+    assert compose_keys({**SPEC_STATE_DICT, **SPEC_CRF}) == _shapes(net)  # the one mapping from the flat layout
     assert sum(p.numel() for p in fcn.parameters()) == sum(torch.Size(s).numel() for s in SPEC_STATE_DICT.values())
+    assert sum(p.numel() for p in net.parameters()) == sum(torch.Size(s).numel() for s in _shapes(net).values())
 
 
 def test_width_scales_channels():
@@ -165,20 +174,144 @@ def test_crfrnnnet_composes_fcn_and_crf():
     torch.manual_seed(0)
     net = CrfRnnNet(num_classes=4, num_iterations=3, width=1 / 32).eval()
     _randomise(net)
+    assert not isinstance(net, FCN8s) and type(net.backbone) is FCN8s and isinstance(net.crf, CrfRnn)
+    assert (net.num_classes, net.width, net.num_iterations) == (4, 1 / 32, 3)
     x = torch.randn(2, 3, 20, 27) * 60
     with torch.no_grad():
-        fcn = net.forward_fcn(x)
+        fcn = net.unary(x)
         out = net(x)
+        # the parts called by hand: the FCN-8s logits, then the CRF over them with the input as colours
+        plain = FCN8s(num_classes=4, width=1 / 32).eval()
+        plain.load_state_dict(net.backbone.state_dict())
         crf = CrfRnn(4, 3)
         crf.load_state_dict(net.crf.state_dict())
-        assert torch.allclose(out, crf(fcn, x), atol=1e-5)
+        assert torch.equal(plain(x), fcn) and torch.equal(net.forward_fcn(x), fcn)
+        assert torch.equal(out, crf(plain(x), x))
         assert not torch.allclose(out, fcn)
         net.num_iterations = 0
         assert net.crf.num_iterations == 0
         assert torch.equal(net(x), fcn)  # 0 iterations: the FCN's own logits
-        plain = FCN8s(num_classes=4, width=1 / 32).eval()
-        plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("crf.")})
-        assert torch.equal(plain(x), fcn)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="num_iterations must be an integer >= 0"):
+            net.num_iterations = bad
+
+
+class _InheritedCrfRnnNet(FCN8s):
+    """CrfRnnNet as version 0.1.0 defined it (an FCN8s subclass with a ``crf``): the flat key layout."""
+
+    def __init__(self, num_classes: int, num_iterations: int, *, width: float) -> None:
+        super().__init__(num_classes, width=width)
+        self.crf = CrfRnn(num_classes, num_iterations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unary = self.forward_fcn(x)
+        return unary if self.crf.num_iterations == 0 else self.crf(unary, x.to(unary.dtype))
+
+
+def test_crfrnnnet_equals_the_inherited_network_and_takes_its_flat_state_dict():
+    old = _InheritedCrfRnnNet(4, 3, width=1 / 32).eval()
+    _randomise(old, 3)
+    flat = old.state_dict()
+    assert "conv1_1.weight" in flat and "crf.compatibility" in flat and not any(k.startswith("backbone.") for k in flat)
+    net = CrfRnnNet(4, 3, width=1 / 32).eval()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*backbone\.conv1_1\.weight"):  # the layout is the new one
+        net.load_state_dict(flat)
+    assert set(compose_keys(flat)) == set(net.state_dict())
+    net.load_state_dict(state_dict_for(net, flat))
+    x = torch.randn(2, 3, 19, 26) * 60
+    with torch.no_grad():
+        assert torch.equal(net(x), old(x))
+        assert torch.equal(net.unary(x), old.forward_fcn(x))
+    # every FCN-8s layer of the flat layout is in the table, and nothing else
+    assert {k.split(".")[0] for k in FCN8s(2, width=1 / 64).state_dict()} == set(FLAT_KEYS)
+
+
+def test_flat_keyed_files_of_ours_load_as_the_same_model(tmp_path):
+    """Files written before CrfRnnNet composed its backbone: safetensors with metadata, torch.save, a checkpoint."""
+    import json
+
+    from safetensors.torch import save_file
+
+    old = _InheritedCrfRnnNet(4, 2, width=1 / 16).eval()
+    _randomise(old, 4)
+    flat = {k: v.contiguous() for k, v in old.state_dict().items()}
+    meta = {"architecture": "CrfRnnNet", "num_classes": 4, "width": 1 / 16, "num_iterations": 2}
+    save_file(flat, tmp_path / "old.safetensors", metadata={"format": "pt", "crfasrnn": json.dumps(meta)})
+    torch.save({"format": "crfasrnn", "state_dict": flat, "metadata": meta}, tmp_path / "old.pt")
+    torch.save({"model": flat, "args": {"width": 1 / 16}, "step": 3}, tmp_path / "last.pt")
+    x = torch.randn(1, 3, 23, 31) * 60
+    with torch.no_grad():
+        expected = old(x)
+    for name, fmt in (("old.safetensors", "safetensors"), ("old.pt", "torch"), ("last.pt", "checkpoint")):
+        model, info = load_model(tmp_path / name, num_iterations=2)
+        assert type(model) is CrfRnnNet and info.format == fmt and model.width == 1 / 16, name
+        assert set(model.state_dict()) == set(compose_keys(flat))
+        with torch.no_grad():
+            assert torch.equal(model(x), expected), name
+        into = CrfRnnNet(4, 2, width=1 / 16).eval()
+        load_weights(into, tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(into(x), expected), name
+    # written again, a file has the composed layout
+    from crfasrnn.weights import convert_weights, read_weights
+
+    convert_weights(tmp_path / "old.safetensors", tmp_path / "new.safetensors")
+    state_dict, _ = read_weights(tmp_path / "new.safetensors")
+    assert set(state_dict) == set(CrfRnnNet(4, width=1 / 16).state_dict())
+
+
+def test_a_custom_backbone_carries_the_crf_and_trains():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    net = CrfRnnNet(backbone=conv, num_classes=4, num_iterations=2)
+    assert net.backbone is conv and net.width is None and net.num_classes == 4 and not isinstance(net, FCN8s)
+    assert set(net.state_dict()) == {"backbone.weight", "backbone.bias", *SPEC_CRF}
+    x = torch.rand(2, 3, 12, 15) * 255 - 120
+    target = torch.randint(0, 4, (2, 12, 15))
+    with torch.no_grad():
+        assert torch.equal(net(x), net.crf(conv(x), x))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(net(x), target)
+    loss.backward()
+    for name, p in net.named_parameters():  # the gradients reach the backbone and the CRF's three matrices
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    optimizer.step()
+    assert all(not torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    # the CRF may be given too; the class count then comes from it
+    crf = CrfRnn(4, 1, theta_beta=5.0)
+    net = CrfRnnNet(backbone=torch.nn.Conv2d(3, 4, 1), crf=crf)
+    assert net.crf is crf and net.num_classes == 4 and net.num_iterations == 1
+    assert net(x).shape == (2, 4, 12, 15)
+
+
+def test_refused_configurations():
+    fcn3 = FCN8s(3, width=1 / 64)
+    with pytest.raises(ValueError, match="class counts disagree: num_classes 4, the backbone 3"):
+        CrfRnnNet(4, backbone=fcn3)
+    with pytest.raises(ValueError, match="class counts disagree: the crf 4, the backbone 3"):
+        CrfRnnNet(backbone=fcn3, crf=CrfRnn(4))
+    with pytest.raises(ValueError, match="class counts disagree: num_classes 3, the crf 5"):
+        CrfRnnNet(3, crf=CrfRnn(5))
+    with pytest.raises(ValueError, match="num_classes is needed: the backbone \\(Conv2d\\) has no num_classes"):
+        CrfRnnNet(backbone=torch.nn.Conv2d(3, 4, 1))
+    with pytest.raises(ValueError, match="width scales the default FCN8s backbone"):
+        CrfRnnNet(3, backbone=fcn3, width=1 / 64)
+    with pytest.raises(ValueError, match="num_iterations, theta_beta configure the default CRF"):
+        CrfRnnNet(crf=CrfRnn(3), num_iterations=5, theta_beta=4.0)
+    with pytest.raises(TypeError, match=r"backbone must be an nn\.Module, got function"):
+        CrfRnnNet(3, backbone=lambda x: x)
+    with pytest.raises(TypeError, match="crf must be a CrfRnn"):
+        CrfRnnNet(3, crf=torch.nn.Identity())
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+            CrfRnnNet(bad, crf=CrfRnn(3))
+    assert CrfRnnNet(3, backbone=fcn3).backbone is fcn3  # agreeing counts are fine
+    # a backbone whose logits do not fit: named at the call, before the CRF
+    net = CrfRnnNet(4, backbone=torch.nn.Conv2d(3, 5, 1), num_iterations=0)
+    message = r"backbone's logits must be \(B, C, H, W\) = \(1, 4, 6, 7\) .* got \(1, 5, 6, 7\)"
+    with pytest.raises(ValueError, match=message):
+        net(torch.zeros(1, 3, 6, 7))
 
 
 def test_batch_equals_loop():
@@ -215,5 +348,5 @@ def test_backward_reaches_backbone():
     net = CrfRnnNet(num_classes=3, num_iterations=1, width=1 / 32)
     _randomise(net, 2)
     net(torch.randn(1, 3, 16, 16) * 50).logsumexp(1).mean().backward()
-    assert net.conv1_1.weight.grad is not None and net.conv1_1.weight.grad.abs().sum() > 0
+    assert net.backbone.conv1_1.weight.grad is not None and net.backbone.conv1_1.weight.grad.abs().sum() > 0
     assert net.crf.compatibility.grad is not None

@@ -17,7 +17,7 @@ from crfasrnn.cli import _train_config, build_parser, main
 from crfasrnn.data import make_synthetic_voc
 from crfasrnn.initialise import initialise_from_file
 from crfasrnn.models import CrfRnnNet, FCN8s, bilinear_kernel
-from crfasrnn.train import TrainConfig, lr_lambda, parameter_groups, train
+from crfasrnn.train import TrainConfig, _initialise_model, _train_mode, lr_lambda, parameter_groups, train
 from crfasrnn.weights import VGG16_TORCHVISION_KEYS
 
 WIDTH = 1 / 16
@@ -195,12 +195,14 @@ def test_init_from_torchvision_vgg16(tmp_path, tiny_voc):
     model = CrfRnnNet(3, width=WIDTH)
     report = initialise_from_file(model, tmp_path / "vgg16.pth")
     assert report.kind == "torchvision-vgg16" and report.ignored == []
-    assert torch.equal(model.conv1_1.weight, sd["features.0.weight"])
-    assert torch.equal(model.conv5_3.bias, sd["features.28.bias"])
-    assert torch.equal(model.fc6.weight, sd["classifier.0.weight"].reshape(-1, 32, 7, 7))
-    assert torch.equal(model.fc7.weight[:, :, 0, 0], sd["classifier.3.weight"])
-    assert not model.score_fr.weight.any() and torch.equal(model.upscore8.weight, bilinear_kernel(3, 16))
-    assert "crf.compatibility" in report.kept and torch.equal(model.crf.compatibility, -torch.eye(3))
+    fcn = model.backbone
+    assert torch.equal(fcn.conv1_1.weight, sd["features.0.weight"])
+    assert torch.equal(fcn.conv5_3.bias, sd["features.28.bias"])
+    assert torch.equal(fcn.fc6.weight, sd["classifier.0.weight"].reshape(-1, 32, 7, 7))
+    assert torch.equal(fcn.fc7.weight[:, :, 0, 0], sd["classifier.3.weight"])
+    assert not fcn.score_fr.weight.any() and torch.equal(fcn.upscore8.weight, bilinear_kernel(3, 16))
+    assert "backbone.conv1_1.weight" in report.loaded and "crf.compatibility" in report.kept
+    assert torch.equal(model.crf.compatibility, -torch.eye(3))
     with pytest.raises(ValueError, match=r"does not fit the model \(width 0.125\): conv1_1.weight \(4, 3, 3, 3\)"):
         initialise_from_file(FCN8s(3, width=1 / 8), tmp_path / "vgg16.pth")
     # and through `crfasrnn train --init`
@@ -222,10 +224,35 @@ def test_init_with_another_class_count_reinitialises_the_heads(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="crfasrnn.initialise"):
         report = initialise_from_file(model, tmp_path / "ckpt.pt")
     assert "another class count" in caplog.text and "score_fr" in caplog.text
-    assert torch.equal(model.fc7.weight, source.fc7.weight)
-    assert not model.score_pool3.weight.any() and torch.equal(model.upscore2.weight, bilinear_kernel(4, 4))
+    assert torch.equal(model.backbone.fc7.weight, source.backbone.fc7.weight)
+    fcn = model.backbone
+    assert not fcn.score_pool3.weight.any() and torch.equal(fcn.upscore2.weight, bilinear_kernel(4, 4))
     assert torch.equal(model.crf.spatial_weights, 3 * torch.eye(4))
-    assert "score_fr.weight" in report.reinitialised and "fc7.weight" in report.loaded
+    assert "backbone.score_fr.weight" in report.reinitialised and "backbone.fc7.weight" in report.loaded
+    assert "crf.compatibility" in report.reinitialised
+
+
+def test_init_and_resume_from_a_flat_checkpoint_of_an_older_version(tmp_path):
+    """A checkpoint written while CrfRnnNet subclassed FCN8s (flat keys next to crf.*) initialises every tensor."""
+    source = CrfRnnNet(3, width=WIDTH)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    flat = {**source.backbone.state_dict(), **{f"crf.{k}": v for k, v in source.crf.state_dict().items()}}
+    torch.save({"model": flat, "args": {"width": WIDTH}}, tmp_path / "old.pt")
+    model = CrfRnnNet(3, width=WIDTH)
+    report = initialise_from_file(model, tmp_path / "old.pt")
+    assert report.kind == "checkpoint" and report.kept == [] and report.reinitialised == [] and report.ignored == []
+    _same_state(model.state_dict(), source.state_dict())
+    resumed = CrfRnnNet(3, width=WIDTH)  # --resume loads the checkpoint's model as it is, in the model's layout
+    _initialise_model(resumed, TrainConfig(data="d", out="o"), torch.load(tmp_path / "old.pt", weights_only=True))
+    _same_state(resumed.state_dict(), source.state_dict())
+    # an FCN8s (stage fcn) takes a CrfRnnNet checkpoint's backbone; the CRF is ignored
+    torch.save({"model": source.state_dict(), "args": {"width": WIDTH}}, tmp_path / "new.pt")
+    fcn = FCN8s(3, width=WIDTH)
+    report = initialise_from_file(fcn, tmp_path / "new.pt")
+    assert report.ignored == ["crf.bilateral_weights", "crf.compatibility", "crf.spatial_weights"]
+    _same_state(fcn.state_dict(), source.backbone.state_dict())
 
 
 def test_parameter_groups_and_schedule():
@@ -235,10 +262,21 @@ def test_parameter_groups_and_schedule():
     groups = {g["name"]: g for g in parameter_groups(model, cfg)}
     assert groups["weights"]["lr"] == 1e-4 and groups["biases"]["lr"] == 2e-4 and groups["biases"]["weight_decay"] == 0
     assert groups["crf_kernels"]["lr"] == pytest.approx(0.1) and groups["crf_compat"]["lr"] == pytest.approx(0.01)
-    assert len(groups["crf_kernels"]["params"]) == 2 and model.upscore8.weight.requires_grad is False
-    assert all(p is not model.upscore8.weight for g in groups.values() for p in g["params"])
-    crf_only = parameter_groups(CrfRnnNet(3, width=WIDTH), TrainConfig(data="d", out="o", stage="crf", lr=1e-4))
+    upscore8 = model.backbone.upscore8.weight
+    assert len(groups["crf_kernels"]["params"]) == 2 and upscore8.requires_grad is False
+    assert all(p is not upscore8 for g in groups.values() for p in g["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters())) - 1
+    frozen = CrfRnnNet(3, width=WIDTH)
+    crf_only = parameter_groups(frozen, TrainConfig(data="d", out="o", stage="crf", lr=1e-4))
     assert [g["name"] for g in crf_only] == ["crf_kernels", "crf_compat"]
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert all(p.requires_grad for p in frozen.crf.parameters())
+    _train_mode(frozen, "crf")  # the frozen backbone runs in eval mode (no dropout), the CRF in training mode
+    assert frozen.training and frozen.crf.training and not frozen.backbone.training
+    assert not any(m.training for m in frozen.backbone.modules())
+    fcn = FCN8s(3, width=WIDTH)
+    fcn_groups = {g["name"]: g for g in parameter_groups(fcn, TrainConfig(data="d", out="o", stage="fcn", lr=1e-4))}
+    assert list(fcn_groups) == ["weights", "biases"] and fcn.upscore8.weight.requires_grad is False
     poly = lr_lambda(TrainConfig(data="d", out="o", epochs=2, poly_power=0.9), steps_per_epoch=5)
     assert poly(0) == 1.0 and poly(5) == pytest.approx(0.5**0.9) and poly(10) == 0.0
     step = lr_lambda(TrainConfig(data="d", out="o", schedule="step", epochs=4, step_size=2, gamma=0.1), 5)

@@ -15,6 +15,7 @@ from crfasrnn.weights import (
     VGG16_TORCHVISION_KEYS,
     WeightsError,
     caffe_messages,
+    compose_keys,
     convert_weights,
     detect_format,
     file_sha256,
@@ -30,7 +31,14 @@ WIDTH = 1 / 16
 
 @pytest.fixture(scope="module")
 def weights() -> dict[str, torch.Tensor]:
+    """In the flat layout, which the published formats' writers take (FCN-8s keys next to crf.*)."""
     return random_state_dict(21, width=WIDTH, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ours(weights) -> dict[str, torch.Tensor]:
+    """The same tensors under CrfRnnNet's keys (backbone.*, crf.*)."""
+    return compose_keys(weights)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +74,11 @@ def _write_all(tmp_path, weights):
     return files
 
 
-def test_every_format_gives_identical_logits(tmp_path, weights, image):
+def test_every_format_gives_identical_logits(tmp_path, weights, ours, image):
     reference = _net()
-    reference.load_state_dict(weights)
+    reference.load_state_dict(ours)
     expected = _logits(reference, image)
-    assert not torch.allclose(expected, reference.forward_fcn(image))  # the CRF does something
+    assert not torch.allclose(expected, reference.unary(image))  # the CRF does something
     for fmt, path in _write_all(tmp_path, weights).items():
         net = _net()
         info = load_weights(net, path)
@@ -81,7 +89,7 @@ def test_every_format_gives_identical_logits(tmp_path, weights, image):
             "port-pth": "torch",
             "torch-plain": "torch",
         }.get(fmt, fmt)
-        for key, value in weights.items():
+        for key, value in ours.items():
             assert torch.equal(net.state_dict()[key], value), (fmt, key)
         assert torch.equal(_logits(net, image), expected), fmt
         assert info.num_classes == 21 and info.classes == VOC_CLASSES
@@ -114,7 +122,7 @@ def test_caffe_reader_gives_caffe_shapes_and_versions(tmp_path, weights):
     assert version == "caffe-v2" and blobs["conv1_1"][1].shape == (4,)
 
 
-def test_caffe_unpacked_and_double_arrays(tmp_path, weights):
+def test_caffe_unpacked_and_double_arrays(tmp_path, weights, ours):
     """Files whose float arrays are not packed, or stored as double_data, read the same."""
     from google.protobuf import descriptor_pool, message_factory
 
@@ -140,11 +148,11 @@ def test_caffe_unpacked_and_double_arrays(tmp_path, weights):
     assert len(path.read_bytes()) > len((tmp_path / "p.caffemodel").read_bytes())  # really another encoding
     state_dict, info = read_weights(path)
     assert info.format == "caffe-v1"
-    for key, value in weights.items():
+    for key, value in ours.items():
         assert torch.equal(state_dict[key], value), key
 
 
-def test_metadata_travels(tmp_path, weights):
+def test_metadata_travels(tmp_path, weights, ours):
     src = write_caffemodel(tmp_path / "TVG_CRFRNN_COCO_VOC.caffemodel", weights)
     dst = tmp_path / "out" / "crfasrnn_voc.safetensors"
     info = convert_weights(src, dst)
@@ -159,7 +167,8 @@ def test_metadata_travels(tmp_path, weights):
     assert meta["preprocessing"]["channel_order"] == "BGR"
     assert meta["width"] == WIDTH
     assert "paper" not in meta  # the paper's mIoU belongs to the full-width 21-class model only
-    for key, value in weights.items():
+    assert set(state_dict) == set(ours)  # in CrfRnnNet's layout
+    for key, value in ours.items():
         assert torch.equal(state_dict[key], value)
     from safetensors import safe_open
 
@@ -176,20 +185,20 @@ def test_paper_metadata_for_the_published_architecture():
     assert len(meta["classes"]) == 21
 
 
-def test_load_model_builds_the_described_network(tmp_path, weights, image):
+def test_load_model_builds_the_described_network(tmp_path, weights, ours, image):
     path = write_caffemodel(tmp_path / "a.caffemodel", weights, v1=False)
     model, info = load_model(path, num_iterations=2)
     assert model.width == WIDTH and model.num_classes == 21 and not model.training
     reference = _net()
-    reference.load_state_dict(weights)
+    reference.load_state_dict(ours)
     assert torch.equal(_logits(model, image), _logits(reference, image))
     five = random_state_dict(5, width=1 / 32, seed=1)
     model, info = load_model(write_port_pth(tmp_path / "five.pth", five))
-    assert model.num_classes == 5 and model.conv1_1.weight.shape[0] == 2
+    assert isinstance(model, CrfRnnNet) and model.num_classes == 5 and model.backbone.conv1_1.weight.shape[0] == 2
     assert info.classes == tuple(f"class_{i}" for i in range(5))
 
 
-def test_fcn_only_model_with_strict_false(tmp_path, weights, image):
+def test_fcn_only_model_with_strict_false(tmp_path, weights, ours, image):
     path = write_port_pth(tmp_path / "port.pth", weights)
     fcn = FCN8s(21, width=WIDTH).eval()
     with pytest.raises(WeightsError, match=r"unexpected tensors: crf\.spatial_weights"):
@@ -197,8 +206,18 @@ def test_fcn_only_model_with_strict_false(tmp_path, weights, image):
     info = load_weights(fcn, path, strict=False)
     assert set(info.unexpected_keys) == {"crf.spatial_weights", "crf.bilateral_weights", "crf.compatibility"}
     reference = _net()
-    reference.load_state_dict(weights)
-    assert torch.equal(_logits(fcn, image), reference.forward_fcn(image).detach())
+    reference.load_state_dict(ours)
+    assert torch.equal(_logits(fcn, image), reference.unary(image).detach())
+    # and the other way: an FCN-8s file is a CrfRnnNet's backbone (its CRF kept)
+    save_weights(fcn, tmp_path / "fcn.safetensors")
+    net = _net()
+    crf_before = {k: v.clone() for k, v in net.crf.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"missing tensors: crf\.spatial_weights"):
+        load_weights(net, tmp_path / "fcn.safetensors")
+    info = load_weights(net, tmp_path / "fcn.safetensors", strict=False)
+    assert set(info.missing_keys) == {"crf.spatial_weights", "crf.bilateral_weights", "crf.compatibility"}
+    assert all(torch.equal(v, crf_before[k]) for k, v in net.crf.state_dict().items())
+    assert torch.equal(net.unary(image).detach(), _logits(fcn, image))
 
 
 def _randomised(net: torch.nn.Module) -> torch.nn.Module:
@@ -297,7 +316,7 @@ def test_wrong_class_count(tmp_path):
     five = random_state_dict(5, width=WIDTH, seed=2)
     net = _net()
     for path in (write_caffemodel(tmp_path / "five.caffemodel", five), write_port_pth(tmp_path / "five.pth", five)):
-        _expect_error(net, path, r"has 5 classes \(score_fr.weight \(5, 256, 1, 1\)\) but the model has 21")
+        _expect_error(net, path, r"has 5 classes \(backbone\.score_fr\.weight \(5, 256, 1, 1\)\) but the model has 21")
 
 
 def test_missing_and_unexpected_caffe_layers(tmp_path, weights):
@@ -335,7 +354,7 @@ def test_wrong_width_names_the_tensor(tmp_path, weights):
     _expect_error(
         _net(width=1 / 32),
         path,
-        r"tensor 'conv1_1.weight' has shape \(4, 3, 3, 3\) but the model "
+        r"tensor 'backbone\.conv1_1\.weight' has shape \(4, 3, 3, 3\) but the model "
         r"expects \(2, 3, 3, 3\)",
     )
 
@@ -344,14 +363,14 @@ def test_state_dict_errors_leave_the_model_unchanged(tmp_path, weights):
     net = _net()
     missing = dict(weights)
     del missing["fc7.bias"]
-    _expect_error(net, write_port_pth(tmp_path / "missing.pth", missing), "missing tensors: fc7.bias")
+    _expect_error(net, write_port_pth(tmp_path / "missing.pth", missing), r"missing tensors: backbone\.fc7\.bias")
     extra = {**weights, "fc8.weight": torch.zeros(3)}
     _expect_error(net, write_port_pth(tmp_path / "extra.pth", extra), "unexpected tensors: fc8.weight")
     last_bad = {**weights, "upscore8.weight": torch.zeros(21, 21, 8, 8)}  # every other tensor fits
-    _expect_error(net, write_port_pth(tmp_path / "shape.pth", last_bad), "'upscore8.weight' has shape")
+    _expect_error(net, write_port_pth(tmp_path / "shape.pth", last_bad), "'backbone.upscore8.weight' has shape")
     nan = {**weights, "fc6.bias": weights["fc6.bias"].clone()}
     nan["fc6.bias"][3] = float("nan")
-    _expect_error(net, write_port_pth(tmp_path / "nan.pth", nan), "'fc6.bias' .* NaN")
+    _expect_error(net, write_port_pth(tmp_path / "nan.pth", nan), "'backbone.fc6.bias' .* NaN")
     ints = {**weights, "fc6.bias": torch.zeros(256, dtype=torch.int64)}
     _expect_error(net, write_port_pth(tmp_path / "ints.pth", ints), "'fc6.bias' has dtype torch.int64")
     torch.save({"optimizer": 3}, tmp_path / "other.pt")
@@ -404,7 +423,7 @@ def test_full_size_caffemodel(tmp_path):
     assert path.stat().st_size > 530e6
     model, info = load_model(path)
     assert info.format == "caffe-v1" and model.width == 1.0 and info.metadata["paper"]["miou"] == 74.7
-    for key, value in weights.items():
+    for key, value in compose_keys(weights).items():
         assert torch.equal(model.state_dict()[key], value), key
     del model
     port = write_port_pth(tmp_path / "crfasrnn_weights.pth", weights)

@@ -230,7 +230,7 @@ def evaluate_predictions(
 
 @torch.no_grad()
 def model_confusion(
-    model: FCN8s,
+    model: FCN8s | CrfRnnNet,
     dataset: SegmentationDataset,
     *,
     device: str | torch.device = "cpu",
@@ -259,7 +259,7 @@ def model_confusion(
             image, label = dataset[index]
             x = preprocess_batch(image[None].to(device))
             label = label[None].to(device)
-            unary = model.forward_fcn(x)
+            unary = model.unary(x) if isinstance(model, CrfRnnNet) else model(x)
             matrices["fcn"].update(unary.argmax(1), label)
             if crf is not None:
                 saved = crf.num_iterations
@@ -275,7 +275,7 @@ def model_confusion(
 
 
 def evaluate_model(
-    model: FCN8s,
+    model: FCN8s | CrfRnnNet,
     dataset: SegmentationDataset,
     *,
     device: str | torch.device = "cpu",

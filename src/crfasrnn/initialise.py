@@ -5,7 +5,11 @@
   torchvision VGG-16 backbone, the published files, ours; the VGG-16 key table is
   :data:`crfasrnn.weights.convert.VGG16_TORCHVISION_KEYS`) and copies what fits into the model. Layers whose size
   depends on the class count (score layers, deconvolutions, CRF) are re-initialised when the file has another class
-  count, and the report says so.
+  count, and the report says so. The file's keys are put in the model's layout by
+  :func:`crfasrnn.weights.state_dict_for` (an FCN-8s file or an older flat-keyed one into a CrfRnnNet's
+  ``backbone.*``), so the names the report lists are the model's.
+
+The model is an :class:`~crfasrnn.models.FCN8s` or a :class:`~crfasrnn.models.CrfRnnNet` over one.
 
 To build and load the network a file holds (for evaluation or inference), use :func:`crfasrnn.weights.load_model`.
 """
@@ -19,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models import FCN8s, bilinear_kernel
-from .weights import read_weights
+from .errors import InputTypeError
+from .models import CrfRnnNet, FCN8s, bilinear_kernel
+from .weights import read_weights, state_dict_for
 
 __all__ = [
     "he_initialise",
@@ -31,18 +36,36 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Layers whose shapes depend on the class count.
+#: Layers whose shapes depend on the class count: FCN-8s layers and the CRF (a CrfRnnNet's ``crf``).
 CLASS_LAYERS = ("score_fr", "score_pool3", "score_pool4", "upscore2", "upscore_pool4", "upscore8", "crf")
 
 #: Formats of :func:`crfasrnn.weights.read_weights` that :func:`read_state_dict` reports as kinds of their own.
 _KINDS = ("checkpoint", "torchvision-vgg16")
 
 
-def _backbone_layers(model: FCN8s) -> list[nn.Conv2d]:
+def _fcn(model: FCN8s | CrfRnnNet) -> FCN8s:
+    """The FCN-8s of a model: an FCN8s itself, a CrfRnnNet's backbone."""
+    fcn = model.backbone if isinstance(model, CrfRnnNet) else model
+    if not isinstance(fcn, FCN8s):
+        raise InputTypeError(f"initialising needs an FCN8s or a CrfRnnNet over one, got a {type(fcn).__name__}")
+    return fcn
+
+
+def _class_layer_prefixes(model: FCN8s | CrfRnnNet) -> dict[str, str]:
+    """:data:`CLASS_LAYERS` present in ``model`` -> the prefix of their keys in its state_dict (e.g.
+    ``"backbone.score_fr."`` in a CrfRnnNet, ``"score_fr."`` in an FCN8s, ``"crf."``)."""
+    fcn = _fcn(model)
+    layers = {id(getattr(fcn, name)): name for name in CLASS_LAYERS if name != "crf"}
+    if isinstance(model, CrfRnnNet):
+        layers[id(model.crf)] = "crf"
+    return {layers[id(m)]: f"{path}." for path, m in model.named_modules() if id(m) in layers}
+
+
+def _backbone_layers(model: FCN8s | CrfRnnNet) -> list[nn.Conv2d]:
     """The VGG convolutions ``conv1_1`` … ``conv5_3`` and ``fc6``, ``fc7``, in order."""
     return [
         m
-        for name, m in model.named_children()
+        for name, m in _fcn(model).named_children()
         if (name.startswith("conv") or name in ("fc6", "fc7")) and isinstance(m, nn.Conv2d)
     ]
 
@@ -53,7 +76,7 @@ def _zero_bias(layer: nn.Conv2d | nn.ConvTranspose2d) -> None:
 
 
 @torch.no_grad()
-def he_initialise(model: FCN8s, *, input_scale: float = 64.0) -> None:
+def he_initialise(model: FCN8s | CrfRnnNet, *, input_scale: float = 64.0) -> None:
     """He (Kaiming) normal initialisation of the VGG convolutions and fc6/fc7 with zero biases, for training from
     scratch (PyTorch's default initialisation makes a 15-layer ReLU stack's activations vanish).
 
@@ -69,16 +92,17 @@ def he_initialise(model: FCN8s, *, input_scale: float = 64.0) -> None:
 
 
 @torch.no_grad()
-def reset_class_layers(model: FCN8s) -> None:
+def reset_class_layers(model: FCN8s | CrfRnnNet) -> None:
     """Score layers to zero, deconvolutions to bilinear upsampling, CRF to its initial values (the FCN recipe)."""
-    for score in (model.score_fr, model.score_pool3, model.score_pool4):
+    fcn = _fcn(model)
+    for score in (fcn.score_fr, fcn.score_pool3, fcn.score_pool4):
         score.weight.zero_()
         _zero_bias(score)
-    for deconv in (model.upscore2, model.upscore_pool4, model.upscore8):
-        deconv.weight.copy_(bilinear_kernel(model.num_classes, deconv.weight.shape[-1], dtype=deconv.weight.dtype))
-    _zero_bias(model.upscore2)
-    crf = getattr(model, "crf", None)
-    if crf is not None:
+    for deconv in (fcn.upscore2, fcn.upscore_pool4, fcn.upscore8):
+        deconv.weight.copy_(bilinear_kernel(fcn.num_classes, deconv.weight.shape[-1], dtype=deconv.weight.dtype))
+    _zero_bias(fcn.upscore2)
+    if isinstance(model, CrfRnnNet):
+        crf = model.crf
         eye = torch.eye(model.num_classes, dtype=crf.compatibility.dtype, device=crf.compatibility.device)
         crf.spatial_weights.copy_(3.0 * eye)  # CrfRnn's defaults: W_s = 3·I, W_b = 5·I, Potts compatibility −I
         crf.bilateral_weights.copy_(5.0 * eye)
@@ -100,6 +124,9 @@ class InitReport:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """Read weights from ``path`` as an FCN-8s / CRF-RNN state_dict in our key names, and say what the file was.
 
+    The layout is the file's network's (see :func:`crfasrnn.weights.read_weights`); :func:`initialise_from_file` puts
+    it in the model's.
+
     Any file :func:`crfasrnn.weights.read_weights` reads, class layers or not. Kinds: ``"checkpoint"`` (written by
     ``crfasrnn train``), ``"torchvision-vgg16"`` (a backbone, converted to FCN-8s names), or ``"weights"`` (the
     published files, ours, a plain state_dict).
@@ -112,7 +139,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     return state, info.format if info.format in _KINDS else "weights"
 
 
-def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
+def initialise_from_file(model: FCN8s | CrfRnnNet, path: str | os.PathLike) -> InitReport:
     """Copy the weights in ``path`` into ``model`` where they fit (see the module docstring).
 
     The VGG/fc backbone must be complete and of the model's width. Class-dependent layers of another class count are
@@ -123,9 +150,15 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
         ValueError: backbone tensors missing or of other shapes (e.g. another ``width``), or an unreadable file.
     """
     state, kind = read_state_dict(path)
+    try:
+        state = state_dict_for(model, state)
+    except ValueError as exc:
+        raise ValueError(f"{path} ({kind}): {exc}") from exc
     report = InitReport(source=str(path), kind=kind)
     own = model.state_dict()
-    backbone = [k for k in own if k.split(".")[0] not in CLASS_LAYERS]
+    prefixes = _class_layer_prefixes(model)
+    class_prefixes = tuple(prefixes.values())
+    backbone = [k for k in own if not k.startswith(class_prefixes)]
     missing = [k for k in backbone if k not in state]
     if missing:
         raise ValueError(f"{path} ({kind}) lacks backbone tensors: {', '.join(missing[:5])}")
@@ -133,7 +166,8 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in backbone if state[k].shape != own[k].shape
     ]
     if wrong:
-        raise ValueError(f"{path} ({kind}) does not fit the model (width {model.width:g}): {'; '.join(wrong[:3])}")
+        width = _fcn(model).width
+        raise ValueError(f"{path} ({kind}) does not fit the model (width {width:g}): {'; '.join(wrong[:3])}")
     reinit = False
     new_state = {k: state[k] for k in backbone}
     report.loaded.extend(backbone)
@@ -151,7 +185,7 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
     if reinit:
         reset_class_layers(model)
         own = model.state_dict()
-        class_keys = [k for k in own if k.split(".")[0] in CLASS_LAYERS]
+        class_keys = [k for k in own if k.startswith(class_prefixes)]
         report.reinitialised = class_keys
         report.loaded = [k for k in report.loaded if k not in class_keys]
         report.kept = [k for k in report.kept if k not in class_keys]
@@ -160,7 +194,7 @@ def initialise_from_file(model: FCN8s, path: str | os.PathLike) -> InitReport:
         logger.warning(
             "%s has another class count than the model (%d classes): re-initialised %s "
             "(score layers zero, upsampling bilinear, CRF at its initial values)",
-            path, model.num_classes, ", ".join(sorted({k.split(".")[0] for k in class_keys})),
+            path, model.num_classes, ", ".join(sorted(prefixes)),
         )  # fmt: skip
     for k in report.kept:
         new_state[k] = own[k]

@@ -1,8 +1,21 @@
-"""The CRF-RNN network: FCN-8s (Long, Shelhamer and Darrell, CVPR 2015) with a :class:`~crfasrnn.crf.CrfRnn` on top.
+"""The CRF-RNN network: a segmentation backbone with a :class:`~crfasrnn.crf.CrfRnn` on top, FCN-8s (Long, Shelhamer
+and Darrell, CVPR 2015) in the published configuration.
 
-The layer names and shapes are those of the PyTorch port (``sadeepj/crfasrnn_pytorch``, docs/reference.md §6.1-6.2), so
-that its backbone's state_dict keys equal ours; the CRF's parameters are ours (``crf.spatial_weights``,
-``crf.bilateral_weights``, ``crf.compatibility``, Caffe/paper sign). :mod:`crfasrnn.weights` reads the published files.
+:class:`CrfRnnNet` composes its two parts (``backbone`` + ``crf``) as torchvision's segmentation models do, so that
+any backbone giving (B, C, H, W) logits can carry the CRF. :class:`FCN8s`'s layer names and shapes are those of the
+PyTorch port (``sadeepj/crfasrnn_pytorch``, docs/reference.md §6.1-6.2): its state_dict keys equal those of the
+port's backbone. The CRF's parameters are ours (``spatial_weights``, ``bilateral_weights``, ``compatibility``,
+Caffe/paper sign).
+
+State-dict layout (a deliberate choice: the keys follow the modules, as in torchvision): a CrfRnnNet's keys are its
+backbone's under ``backbone.`` (``backbone.conv1_1.weight`` … ``backbone.upscore8.weight``) and the CRF's under
+``crf.`` (``crf.spatial_weights``, ``crf.bilateral_weights``, ``crf.compatibility``); an FCN8s on its own keeps its
+flat keys (``conv1_1.weight`` …). ``load_state_dict`` takes exactly this layout. The *flat* layout (the FCN-8s keys
+next to ``crf.*``) is that of our files and training checkpoints written while CrfRnnNet subclassed FCN8s, and what
+the published formats' key tables give; it is mapped to this layout in one place,
+:func:`crfasrnn.weights.convert.compose_keys`, which the one loader (:mod:`crfasrnn.weights`, also for ``crfasrnn
+train --init`` and ``--resume``) applies: every such file still loads. :mod:`crfasrnn.weights` reads the published
+files and ours.
 
 This module knows nothing about files: it only builds the networks.
 """
@@ -10,13 +23,15 @@ This module knows nothing about files: it only builds the networks.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_same_device, check_tensor, require
+from ._checks import check_iterations, check_same_device, check_tensor, require
 from .crf import CrfRnn
+from .errors import InputTypeError
 
 __all__ = ["FCN8s", "CrfRnnNet", "bilinear_kernel", "CROP_OFFSETS"]
 
@@ -179,34 +194,91 @@ def _crop(t: torch.Tensor, offset: int, size, name: str) -> torch.Tensor:
     return t[:, :, offset : offset + h, offset : offset + w]
 
 
-class CrfRnnNet(FCN8s):
-    """CRF-RNN (Zheng et al., ICCV 2015): FCN-8s logits refined by :class:`~crfasrnn.crf.CrfRnn`.
+class CrfRnnNet(nn.Module):
+    """CRF-RNN (Zheng et al., ICCV 2015): a segmentation backbone's logits refined by :class:`~crfasrnn.crf.CrfRnn`.
+
+    A composition, as torchvision's segmentation models (``backbone`` + head): ``self.backbone`` maps the preprocessed
+    batch to logits, which are the CRF's unary scores, and ``self.crf`` refines them. The backbone may be any
+    ``nn.Module`` mapping a (B, 3, H, W) preprocessed batch to (B, C, H, W) logits; by default it is :class:`FCN8s`,
+    which with 21 classes, ``width=1`` and 10 iterations is the published network.
 
     The CRF's bilateral colour features are the preprocessed input itself (mean-subtracted BGR), exactly as in the
     Caffe original and the PyTorch port, so ``theta_beta = 3`` is in those units.
 
+    State dict: ``backbone.*`` (the backbone's own keys, e.g. ``backbone.conv1_1.weight``) and ``crf.*``; see the
+    module docstring for the files of the flat layout.
+
     Args:
-        num_classes: number of labels C (21 for PASCAL VOC).
-        num_iterations: mean-field iterations (5 in training, 10 at test time in the paper; 0 gives the FCN logits).
-            Read from ``self.crf.num_iterations`` at call time, so it may be changed on a built model.
-        width: channel scale of the backbone, see :class:`FCN8s`.
-        **crf_kwargs: keyword options of :class:`~crfasrnn.crf.CrfRnn` (bandwidths, initial kernel weights, backend).
+        num_classes: number of labels C (21 for PASCAL VOC, the default for the default backbone). With a ``crf`` or a
+            backbone that has a ``num_classes`` attribute it may be left out; every count given must agree.
+        num_iterations: mean-field iterations of the default CRF (10 when left out; 5 in training, 10 at test time in
+            the paper; 0 gives the backbone's logits). Read from ``self.crf.num_iterations`` at call time, so it may
+            be changed on a built model (:attr:`num_iterations`).
+        width: channel scale of the default backbone (1.0 when left out), see :class:`FCN8s`; not with ``backbone``.
+        backbone: the network giving the logits (default: ``FCN8s(num_classes, width=width)``).
+        crf: the CRF layer (default: ``CrfRnn(num_classes, num_iterations, **crf_kwargs)``); ``num_iterations`` and
+            ``crf_kwargs`` configure the default one only.
+        **crf_kwargs: keyword options of the default :class:`~crfasrnn.crf.CrfRnn` (bandwidths, initial kernel
+            weights, backend).
+
+    Raises:
+        ValueError: class counts that disagree (or none to be had from a backbone without ``num_classes``),
+            ``width`` with a backbone, ``num_iterations`` or CRF options with a ``crf``, bad values.
+        TypeError: a backbone that is not an ``nn.Module``, a crf that is not a ``CrfRnn``.
 
     Shape:
-        - x: (B, 3, H, W) preprocessed image batch, any H, W >= 1.
+        - x: (B, 3, H, W) preprocessed image batch, any H, W >= 1 (that the backbone takes).
         - output: (B, C, H, W) logits (unnormalised).
 
     Example:
         >>> net = CrfRnnNet(num_classes=21, num_iterations=2, width=1 / 32).eval()
         >>> with torch.no_grad():
         ...     out = net(torch.randn(1, 3, 24, 30) * 50)
-        >>> out.shape
-        torch.Size([1, 21, 24, 30])
+        >>> out.shape, type(net.backbone).__name__
+        (torch.Size([1, 21, 24, 30]), 'FCN8s')
+        >>> tiny = CrfRnnNet(backbone=nn.Conv2d(3, 4, 1), num_classes=4, num_iterations=1)
+        >>> tiny(torch.randn(2, 3, 8, 9) * 50).shape
+        torch.Size([2, 4, 8, 9])
     """
 
-    def __init__(self, num_classes: int = 21, num_iterations: int = 10, *, width: float = 1.0, **crf_kwargs) -> None:
-        super().__init__(num_classes, width=width)
-        self.crf = CrfRnn(num_classes, num_iterations, **crf_kwargs)
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        num_iterations: int | None = None,
+        *,
+        width: float | None = None,
+        backbone: nn.Module | None = None,
+        crf: CrfRnn | None = None,
+        **crf_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if backbone is not None and not isinstance(backbone, nn.Module):
+            raise InputTypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if crf is not None and not isinstance(crf, CrfRnn):
+            raise InputTypeError(f"crf must be a CrfRnn, got {type(crf).__name__}")
+        if backbone is not None and width is not None:
+            raise ValueError("width scales the default FCN8s backbone: it does not apply to a given backbone")
+        if crf is not None and (num_iterations is not None or crf_kwargs):
+            given = ["num_iterations"] * (num_iterations is not None) + sorted(crf_kwargs)
+            raise ValueError(f"{', '.join(given)} configure the default CRF: set them on the CrfRnn given as crf")
+        num_classes = _resolve_classes(num_classes, backbone, crf)
+        if backbone is None:
+            backbone = FCN8s(num_classes, width=1.0 if width is None else width)
+        if crf is None:
+            crf = CrfRnn(num_classes, 10 if num_iterations is None else num_iterations, **crf_kwargs)
+        self.backbone = backbone
+        self.crf = crf
+
+    @property
+    def num_classes(self) -> int:
+        """Number of labels C (the CRF's)."""
+        return self.crf.num_classes
+
+    @property
+    def width(self) -> float | None:
+        """Channel scale of the backbone (:class:`FCN8s`'s ``width``); None for a backbone without one."""
+        width = getattr(self.backbone, "width", None)
+        return None if width is None else float(width)
 
     @property
     def num_iterations(self) -> int:
@@ -215,13 +287,59 @@ class CrfRnnNet(FCN8s):
 
     @num_iterations.setter
     def num_iterations(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"num_iterations must be an integer >= 0, got {value!r}")
-        self.crf.num_iterations = value
+        self.crf.num_iterations = check_iterations(value)
+
+    def unary(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W): the CRF's unary scores."""
+        _check_input(x, self.crf.compatibility.device)
+        logits = self.backbone(x)
+        expected = (x.shape[0], self.num_classes, x.shape[2], x.shape[3])
+        check_tensor("the backbone's logits", logits, layout="(B, C, H, W)", ndim=4, kind="floating")
+        require(
+            logits.shape[0] == expected[0]
+            and logits.shape[1] == expected[1]
+            and logits.shape[2] == expected[2]
+            and logits.shape[3] == expected[3],
+            f"the backbone's logits must be (B, C, H, W) = {expected} for x of shape {tuple(x.shape)} and "
+            f"{self.num_classes} classes, got {tuple(logits.shape)}",
+        )
+        return logits
+
+    def forward_fcn(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's logits: :meth:`unary` (the name of the versions whose CrfRnnNet was an FCN8s)."""
+        return self.unary(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """CRF-RNN logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W)."""
-        unary = self.forward_fcn(x)
+        unary = self.unary(x)
         if self.crf.num_iterations == 0:
             return unary
         return self.crf(unary, x.to(unary.dtype))
+
+    def extra_repr(self) -> str:
+        width = self.width
+        return f"num_classes={self.num_classes}" + ("" if width is None else f", width={width:g}")
+
+
+def _resolve_classes(num_classes: int | None, backbone: nn.Module | None, crf: CrfRnn | None) -> int:
+    """The class count of a CrfRnnNet: the one given, the crf's and the backbone's (``num_classes``), all agreeing."""
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    counts = {"num_classes": num_classes, "the crf": None if crf is None else crf.num_classes}
+    if backbone is not None:
+        own = getattr(backbone, "num_classes", None)
+        counts["the backbone"] = own if isinstance(own, int) and not isinstance(own, bool) else None
+    known = {name: count for name, count in counts.items() if count is not None}
+    if len(set(known.values())) > 1:
+        said = ", ".join(f"{name} {count}" for name, count in known.items())
+        raise ValueError(f"the class counts disagree: {said}")
+    if known:
+        return next(iter(known.values()))
+    if backbone is None:
+        return 21
+    raise ValueError(
+        f"num_classes is needed: the backbone ({type(backbone).__name__}) has no num_classes attribute and no crf "
+        "is given"
+    )

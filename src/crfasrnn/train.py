@@ -49,6 +49,7 @@ from .evaluate import SegmentationMetrics, model_confusion, segmentation_metrics
 from .files import remove_orphans
 from .initialise import he_initialise, initialise_from_file
 from .models import CrfRnnNet, FCN8s
+from .weights import state_dict_for
 
 __all__ = ["TrainConfig", "TrainResult", "train", "parameter_groups", "build_model", "lr_lambda", "STAGES"]
 
@@ -161,21 +162,26 @@ class TrainResult:
     records: list[dict]
 
 
-def build_model(stage: str, num_classes: int, *, width: float, num_iterations: int) -> FCN8s:
+def build_model(stage: str, num_classes: int, *, width: float, num_iterations: int) -> FCN8s | CrfRnnNet:
     """FCN-8s for stage ``fcn``; CRF-RNN with ``num_iterations`` mean-field steps for ``crf`` / ``joint``."""
     if stage == "fcn":
         return FCN8s(num_classes, width=width)
     return CrfRnnNet(num_classes, num_iterations, width=width)
 
 
-def parameter_groups(model: FCN8s, config: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(model: FCN8s | CrfRnnNet, config: TrainConfig) -> list[dict[str, Any]]:
     """SGD parameter groups with their lr / weight-decay multipliers (see the module docstring).
 
     Each group carries ``name`` and ``lr_mult``; the scheduler scales ``lr_mult · lr``. Parameters that must not learn
-    get ``requires_grad = False`` (``upscore8`` always; the backbone in stage ``crf``).
+    get ``requires_grad = False`` (FCN-8s's ``upscore8`` always; the backbone in stage ``crf``). A CrfRnnNet's CRF
+    parameters are its ``crf.*``, the rest its backbone's.
     """
     lr, wd = config.lr, config.weight_decay
-    model.upscore8.weight.requires_grad_(False)
+    fcn = model.backbone if isinstance(model, CrfRnnNet) else model
+    upscore8 = getattr(fcn, "upscore8", None)  # the fixed bilinear upsampling of FCN-8s
+    frozen = () if upscore8 is None else (upscore8.weight,)
+    for param in frozen:
+        param.requires_grad_(False)
     train_backbone = config.stage != "crf"
     groups: dict[str, dict[str, Any]] = {
         "weights": {"params": [], "lr_mult": 1.0, "weight_decay": wd},
@@ -184,9 +190,9 @@ def parameter_groups(model: FCN8s, config: TrainConfig) -> list[dict[str, Any]]:
         "crf_compat": {"params": [], "lr_mult": config.crf_lr_mult_compat, "weight_decay": config.crf_weight_decay},
     }
     for name, param in model.named_parameters():
-        if name.startswith("upscore8."):
+        if any(param is p for p in frozen):
             continue
-        if name.startswith("crf."):
+        if isinstance(model, CrfRnnNet) and name.startswith("crf."):
             groups["crf_compat" if name.endswith("compatibility") else "crf_kernels"]["params"].append(param)
         elif not train_backbone:
             param.requires_grad_(False)
@@ -220,12 +226,10 @@ def _set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
 
 
-def _train_mode(model: FCN8s, stage: str) -> None:
+def _train_mode(model: FCN8s | CrfRnnNet, stage: str) -> None:
     model.train()
     if stage == "crf":  # frozen backbone: the CRF learns on the unaries it will see at test time
-        for name, module in model.named_children():
-            if name != "crf":
-                module.eval()
+        (model.backbone if isinstance(model, CrfRnnNet) else model).eval()
 
 
 def _load_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
@@ -258,7 +262,7 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def validate(
-    model: FCN8s,
+    model: FCN8s | CrfRnnNet,
     dataset: SegmentationDataset,
     *,
     device: torch.device,
@@ -359,7 +363,7 @@ class _Run:
     device: torch.device
     train_set: SegmentationDataset
     val_set: SegmentationDataset | None
-    model: FCN8s
+    model: FCN8s | CrfRnnNet
     ddp_model: nn.Module  # ``model`` itself in a single process
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -492,10 +496,10 @@ def _resume_checkpoint(path: Path, config: TrainConfig, info: dist_utils.DistInf
     return checkpoint
 
 
-def _initialise_model(model: FCN8s, config: TrainConfig, checkpoint: dict[str, Any] | None) -> None:
+def _initialise_model(model: FCN8s | CrfRnnNet, config: TrainConfig, checkpoint: dict[str, Any] | None) -> None:
     """The model's starting weights (the checkpoint resumed, ``config.init``, or He-random) and its dropout."""
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    if checkpoint is not None:  # (a checkpoint of an older version may have the flat layout: state_dict_for)
+        model.load_state_dict(state_dict_for(model, checkpoint["model"]))
     elif config.init:
         initialise_from_file(model, config.init)
     else:
@@ -505,7 +509,7 @@ def _initialise_model(model: FCN8s, config: TrainConfig, checkpoint: dict[str, A
         _set_dropout(model, config.dropout)
 
 
-def _optimizer(model: FCN8s, config: TrainConfig) -> torch.optim.SGD:
+def _optimizer(model: FCN8s | CrfRnnNet, config: TrainConfig) -> torch.optim.SGD:
     """SGD over :func:`parameter_groups`, each group at ``lr_mult · lr`` (its schedule's starting rate)."""
     lr = config.lr
     if lr is None:

@@ -525,7 +525,7 @@ def test_segment_crf_and_fcn_views_equal_the_network(segment_client, segment_eng
     with torch.no_grad():
         x = prepared.tensor[None]
         expected_crf = postprocess(net(x)[0], prepared.resized_size, prepared.original_size)
-        expected_fcn = postprocess(net.forward_fcn(x)[0], prepared.resized_size, prepared.original_size)
+        expected_fcn = postprocess(net.unary(x)[0], prepared.resized_size, prepared.original_size)
     crf, fcn = _labels(_view(answer, "crf")), _labels(_view(answer, "fcn"))
     np.testing.assert_array_equal(crf, expected_crf)
     np.testing.assert_array_equal(fcn, expected_fcn)

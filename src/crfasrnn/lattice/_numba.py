@@ -228,6 +228,7 @@ def _simplex_codes(
         for p in range(ch * chunk, min(num_points, (ch + 1) * chunk)):
             _elevate(features, p, scale, consts, el)
             total = 0
+            point_bad = False
             for i in range(d1):
                 v = np.rint(el[i] * inv)
                 rem0[i] = np.int64(v) * d1
@@ -251,6 +252,7 @@ def _simplex_codes(
                     rem0[i] -= d1
                 if rank[i] < 0 or rank[i] > d:
                     bad[0] = 1
+                    point_bad = True
                     rank[i] = 0
                 rem0f[i] = rem0[i]
             for i in range(d1 + 1):
@@ -267,6 +269,9 @@ def _simplex_codes(
                 code += (rem0[k] - low[k]) * strides[k]
                 by_rank[rank[k]] = k
             by_rank[rank[d]] = d
+            if point_bad:  # its ranks are no permutation, so by_rank has holes: fill it (the build is refused anyway)
+                for r in range(d1):
+                    by_rank[r] = r
             for r in range(d1):
                 weights[p, r] = b[r]
                 codes[p, r] = code

@@ -595,7 +595,7 @@ class Engine:
         x = prepared.tensor[None].to(self.device)
         with self._lock, torch.no_grad():
             compute_start = time.perf_counter()
-            fcn = self.model.forward_fcn(x)
+            fcn = self.model.unary(x)
             crf = fcn if self.model.crf.num_iterations == 0 else self.model.crf(fcn, x.to(fcn.dtype))
             fcn_labels = postprocess(fcn[0], prepared.resized_size, prepared.original_size)
             crf_labels = postprocess(crf[0], prepared.resized_size, prepared.original_size)

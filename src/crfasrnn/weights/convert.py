@@ -11,21 +11,32 @@
 * **torchvision VGG-16** (:data:`VGG16_TORCHVISION_KEYS`, ``features.N`` / ``classifier.N``): an ImageNet backbone to
   start training from; :func:`convert_torchvision_vgg16` renames it to FCN-8s keys and reshapes the fully connected
   ``fc6`` to a 7×7 convolution and ``fc7`` to 1×1. ``classifier.6`` (the 1000-way classifier) is dropped.
+* **The flat layout** (:data:`FLAT_KEYS`): the FCN-8s keys next to ``crf.*``, which the tables above give and in
+  which our files and checkpoints were written while :class:`~crfasrnn.models.CrfRnnNet` subclassed FCN8s.
+  :func:`compose_keys` is the one place that maps it to CrfRnnNet's composed layout (``backbone.conv1_1.weight``,
+  ``crf.*``); the loader (:mod:`~crfasrnn.weights.load`) applies it to every CRF-RNN state_dict it reads or loads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from .errors import WeightsError
 
+T = TypeVar("T")
+
 __all__ = [
     "PORT_KEYS",
     "CAFFE_LAYERS",
     "VGG16_TORCHVISION_KEYS",
+    "FLAT_KEYS",
+    "BACKBONE_PREFIX",
+    "compose_keys",
+    "fcn_key",
     "squeeze_leading",
     "convert_caffe_blobs",
     "convert_port_state_dict",
@@ -84,6 +95,59 @@ VGG16_TORCHVISION_KEYS: dict[str, str] = {
     "classifier.0": "fc6", "classifier.3": "fc7",
 }  # fmt: skip
 _DROPPED = ("classifier.6.weight", "classifier.6.bias")
+
+#: Where a CrfRnnNet holds its backbone's tensors (its ``backbone`` attribute).
+BACKBONE_PREFIX = "backbone."
+
+#: FCN-8s layer of the flat layout -> its name in CrfRnnNet's composed layout (the backbone's keys under
+#: ``backbone.``); ``crf.*`` is the same in both.
+FLAT_KEYS: dict[str, str] = {
+    name: BACKBONE_PREFIX + name
+    for name in (
+        *(layer for layer in CAFFE_LAYERS if layer.startswith("conv")),
+        "fc6", "fc7", "score_fr", "score_pool3", "score_pool4", "upscore2", "upscore_pool4", "upscore8",
+    )
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- layouts
+
+
+def _composed_key(key: str) -> str:
+    layer, dot, rest = key.partition(".")
+    return FLAT_KEYS[layer] + dot + rest if layer in FLAT_KEYS and dot else key
+
+
+def compose_keys(state_dict: Mapping[str, T]) -> dict[str, T]:
+    """A state_dict of the flat layout in CrfRnnNet's composed one (a pure function over :data:`FLAT_KEYS`).
+
+    Keys of the flat FCN-8s layers gain the ``backbone.`` prefix; every other key (``crf.*``, keys already composed,
+    unknown keys, reported as unexpected by the loader) is kept as it is, so composing twice changes nothing.
+
+    Raises:
+        WeightsError: (a ``ValueError``) the state_dict holds a tensor under both layouts' names.
+
+    Example:
+        >>> compose_keys({"conv1_1.weight": 1, "crf.compatibility": 2, "backbone.fc6.bias": 3})
+        {'backbone.conv1_1.weight': 1, 'crf.compatibility': 2, 'backbone.fc6.bias': 3}
+    """
+    out: dict[str, T] = {}
+    for key, value in state_dict.items():
+        new_key = _composed_key(key)
+        if new_key in out:
+            raise WeightsError(f"tensor '{new_key}' is given twice, under its flat and its composed name")
+        out[new_key] = value
+    return out
+
+
+def fcn_key(state_dict: Mapping[str, object], name: str) -> str | None:
+    """The key under which a state_dict of either layout holds FCN-8s tensor ``name`` (FCN8s's own key), or None.
+
+    Example:
+        >>> fcn_key({"backbone.score_fr.weight": 0}, "score_fr.weight"), fcn_key({"fc7.bias": 0}, "fc7.bias")
+        ('backbone.score_fr.weight', 'fc7.bias')
+    """
+    return next((key for key in (name, _composed_key(name)) if key in state_dict), None)
 
 
 # --------------------------------------------------------------------------------------------------- Caffe

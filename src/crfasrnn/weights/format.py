@@ -1,5 +1,10 @@
 """Our own weights format: the tensors of :class:`~crfasrnn.models.CrfRnnNet` (or FCN8s) with metadata.
 
+The tensors are those of the model's state_dict: a CrfRnnNet's composed keys (``backbone.*``, ``crf.*``), an FCN8s's
+flat ones. Files written while CrfRnnNet subclassed FCN8s have flat keys next to ``crf.*``; the loader maps them
+(:func:`~crfasrnn.weights.convert.compose_keys`), and :func:`save_weights` writes a flat CRF-RNN state_dict it is
+given in the composed layout.
+
 * ``.safetensors`` (recommended): the state_dict, with the metadata as JSON under the ``crfasrnn`` key of the header;
   readable by any safetensors tool.
 * any other suffix: ``torch.save({"format": "crfasrnn", "state_dict": ..., "metadata": ...})``, readable with
@@ -27,6 +32,7 @@ import torch
 from ..files import atomic_write
 from ..models import CrfRnnNet
 from ..transforms import NETWORK_SIZE, VOC_CLASSES, VOC_MEAN_RGB
+from .convert import compose_keys, fcn_key
 from .errors import WeightsError
 
 __all__ = [
@@ -92,11 +98,12 @@ def architecture_of(keys: Mapping[str, Any]) -> Architecture:
 def width_of(state_dict: Mapping[str, torch.Tensor]) -> float:
     """The channel width the tensors imply: ``conv1_1``'s output channels / 64 (1.0 without ``conv1_1``).
 
-    Only the metadata records a width exactly (e.g. 0.3 gives 19 channels, 19 / 64 = 0.297 gives other fc sizes):
-    readers use this where a file records none.
+    Either layout (an FCN8s's ``conv1_1.weight``, a CrfRnnNet's ``backbone.conv1_1.weight``). Only the metadata
+    records a width exactly (e.g. 0.3 gives 19 channels, 19 / 64 = 0.297 gives other fc sizes): readers use this
+    where a file records none.
     """
-    conv1 = state_dict.get("conv1_1.weight")
-    return 1.0 if conv1 is None else conv1.shape[0] / 64
+    key = fcn_key(state_dict, "conv1_1.weight")
+    return 1.0 if key is None else state_dict[key].shape[0] / 64
 
 
 def default_metadata(
@@ -158,14 +165,24 @@ def save_weights(
     ``.safetensors`` (recommended): the metadata is stored as JSON under the ``crfasrnn`` key of the header.
     Any other suffix: ``torch.save({"format": "crfasrnn", "state_dict": ..., "metadata": ...})``, readable with
     ``weights_only=True``. The default metadata comes from :func:`default_metadata`; ``metadata`` entries override it.
+
+    The model is an FCN8s or a CrfRnnNet over one (the FCN-8s configuration the loader builds); a CRF-RNN
+    state_dict of the flat layout is written in the composed one.
     """
     path = Path(path)
     state_dict = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    if "score_fr.weight" not in state_dict:
-        raise WeightsError("cannot save: the state_dict has no 'score_fr.weight' (not a CRF-RNN / FCN-8s model)")
-    num_classes = int(state_dict["score_fr.weight"].shape[0])
-    width = float(getattr(model, "width", width_of(state_dict)))
+    if architecture_of(state_dict) == "CrfRnnNet":
+        state_dict = compose_keys(state_dict)
+    score = fcn_key(state_dict, "score_fr.weight")
+    if score is None:
+        raise WeightsError(
+            "cannot save: the state_dict has no 'score_fr.weight' (not a CRF-RNN / FCN-8s model; save the "
+            "state_dict of a network over another backbone with torch.save)"
+        )
+    num_classes = int(state_dict[score].shape[0])
+    width = getattr(model, "width", None)
+    width = width_of(state_dict) if width is None else float(width)
     meta = {
         **default_metadata(num_classes, width=width, architecture=architecture_of(state_dict)),
         **dict(metadata or {}),

@@ -19,6 +19,12 @@ a checkpoint's options say) is merged over :func:`~crfasrnn.weights.format.defau
 recorded one, else ``conv1_1``'s channels / 64 (:func:`~crfasrnn.weights.format.width_of`): the one place it is
 inferred.
 
+The state_dict is in the layout of the network the file holds: a CRF-RNN's in CrfRnnNet's composed layout
+(``backbone.conv1_1.weight`` …, ``crf.*``: the published formats and our older flat-keyed files through
+:func:`~crfasrnn.weights.convert.compose_keys`), an FCN-8s's in FCN8s's flat one. :func:`state_dict_for` puts a
+state_dict in a given model's layout (the same mapping, or a CRF-RNN's ``backbone.*`` for a plain FCN8s); the
+loaders and :mod:`crfasrnn.initialise` use it.
+
 :func:`load_model` builds the network a file holds (:func:`network_for`): a CrfRnnNet when it has ``crf.*`` tensors
 or is a published CRF-RNN format, an FCN8s when it holds FCN-8s tensors only. :func:`load_weights` loads into a given
 model. Both validate every tensor (names, shapes, class count, finiteness) before anything is copied, so a bad file
@@ -42,10 +48,13 @@ import torch
 from ..models import CrfRnnNet, FCN8s
 from .caffe import read_caffemodel
 from .convert import (
+    BACKBONE_PREFIX,
     PORT_KEYS,
+    compose_keys,
     convert_caffe_blobs,
     convert_port_state_dict,
     convert_torchvision_vgg16,
+    fcn_key,
     is_torchvision_vgg16,
     squeeze_leading,
 )
@@ -68,6 +77,7 @@ __all__ = [
     "detect_format",
     "read_weights",
     "network_for",
+    "state_dict_for",
     "load_weights",
     "load_model",
     "convert_weights",
@@ -152,7 +162,8 @@ def read_weights(
     """Read any supported weights file into our state_dict (CPU float32 tensors) and its :class:`WeightsInfo`.
 
     Conventions are converted (port key names and compatibility sign; Caffe layer names and legacy shapes;
-    torchvision VGG-16 names and fc shapes). See the module docstring for the kinds of file.
+    torchvision VGG-16 names and fc shapes; the flat layout of a CRF-RNN to CrfRnnNet's composed one). See the
+    module docstring for the kinds of file and the layouts.
 
     Args:
         path: the file.
@@ -198,8 +209,15 @@ def read_weights(
         if not value.is_floating_point():
             raise WeightsError(f"{path}: tensor '{key}' has dtype {value.dtype}, expected floating point")
     state_dict = {k: v.float() for k, v in state_dict.items()}
-    if "score_fr.weight" in state_dict:
-        num_classes = int(state_dict["score_fr.weight"].shape[0])
+    architecture = "CrfRnnNet" if fmt in PUBLISHED_FORMATS else architecture_of(state_dict)
+    if architecture == "CrfRnnNet":
+        try:
+            state_dict = compose_keys(state_dict)
+        except WeightsError as exc:
+            raise WeightsError(f"{path}: {exc}") from exc
+    score = fcn_key(state_dict, "score_fr.weight")
+    if score is not None:
+        num_classes = int(state_dict[score].shape[0])
     elif allow_backbone:
         num_classes = 0
     else:
@@ -209,7 +227,6 @@ def read_weights(
             f"{path}: tensor 'score_fr.weight' is missing; this is not a CRF-RNN / FCN-8s weights file{hint}"
         )
     width = metadata["width"] if "width" in metadata else width_of(state_dict)  # checked by metadata_width
-    architecture = "CrfRnnNet" if fmt in PUBLISHED_FORMATS else architecture_of(state_dict)
     meta = {**default_metadata(num_classes, width=width, architecture=architecture), **metadata}
     meta["architecture"] = architecture  # what the tensors are, whatever an older file's metadata claims
     if fmt not in ("safetensors", "torch") or "source_file" not in meta:
@@ -223,7 +240,7 @@ def read_weights(
 
 def network_for(
     state_dict: Mapping[str, torch.Tensor], info: WeightsInfo, *, num_iterations: int = 10, **crf_kwargs: Any
-) -> FCN8s:
+) -> CrfRnnNet | FCN8s:
     """The network (weights not loaded) that ``read_weights`` results describe, built on the default device.
 
     A :class:`~crfasrnn.models.CrfRnnNet` of ``num_iterations`` mean-field steps when the file has ``crf.*`` tensors
@@ -244,17 +261,46 @@ def network_for(
     return FCN8s(info.num_classes, width=width)
 
 
+def state_dict_for(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` (from :func:`read_weights`, a checkpoint, …) under ``model``'s key names.
+
+    For a :class:`~crfasrnn.models.CrfRnnNet`, keys of the flat layout (an FCN-8s's, or a CRF-RNN's of the versions
+    whose CrfRnnNet subclassed FCN8s) are composed by :func:`~crfasrnn.weights.convert.compose_keys`, the one
+    mapping from the flat layout. A plain :class:`~crfasrnn.models.FCN8s` takes a CrfRnnNet's backbone: the
+    ``backbone.`` prefix is dropped, and the ``crf.*`` tensors stay as they are (unexpected). Any other model gets
+    the state_dict unchanged.
+
+    Raises:
+        WeightsError: a state_dict holding a tensor under both layouts' names.
+
+    Example:
+        >>> net = CrfRnnNet(3, width=1 / 64)
+        >>> flat = {**net.backbone.state_dict(), **{f"crf.{k}": v for k, v in net.crf.state_dict().items()}}
+        >>> net.load_state_dict(state_dict_for(net, flat))
+        <All keys matched successfully>
+    """
+    if isinstance(model, CrfRnnNet):
+        return compose_keys(state_dict)
+    if isinstance(model, FCN8s):
+        cut = len(BACKBONE_PREFIX)
+        return {k[cut:] if k.startswith(BACKBONE_PREFIX) else k: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
 def _validate(
     state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, info: WeightsInfo, *, strict: bool
 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...], tuple[str, ...]]:
     where = info.path
+    try:
+        state_dict = state_dict_for(model, state_dict)
+    except WeightsError as exc:
+        raise WeightsError(f"{where}: {exc}") from exc
     expected = model.state_dict()
     model_classes = getattr(model, "num_classes", None)
     if model_classes is not None and info.num_classes != model_classes:
-        raise WeightsError(
-            f"{where} has {info.num_classes} classes (score_fr.weight {tuple(state_dict['score_fr.weight'].shape)}) "
-            f"but the model has {model_classes}"
-        )
+        score = fcn_key(state_dict, "score_fr.weight")
+        shown = f" ({score} {tuple(state_dict[score].shape)})" if score is not None else ""
+        raise WeightsError(f"{where} has {info.num_classes} classes{shown} but the model has {model_classes}")
     missing = tuple(k for k in expected if k not in state_dict)
     unexpected = tuple(k for k in state_dict if k not in expected)
     if strict and (missing or unexpected):
@@ -285,10 +331,12 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, strict: boo
     """Load a weights file of any supported format into ``model`` (a :class:`~crfasrnn.models.CrfRnnNet` or FCN8s).
 
     Every tensor is checked (name, shape, class count, finite values) before anything is copied, so on error the
-    model is unchanged. Values are copied to the model's device and dtype.
+    model is unchanged. Values are copied to the model's device and dtype. The file's keys are put in the model's
+    layout first (:func:`state_dict_for`), so an FCN-8s file initialises a CrfRnnNet's backbone (``strict=False``)
+    and a CRF-RNN file a plain FCN8s.
 
     Args:
-        model: the network.
+        model: the network (a CrfRnnNet over an FCN8s, or an FCN8s).
         path: any file :func:`read_weights` reads that has class layers: a ``.caffemodel`` (V1 or V2), the PyTorch
             port's ``.pth``, our safetensors / torch file, a training checkpoint.
         strict: require the file's tensors and the model's to match one to one. With ``strict=False`` the tensors
@@ -315,13 +363,14 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, *, strict: boo
 
 def load_model(
     path: str | os.PathLike, *, num_iterations: int = 10, device: str | torch.device = "cpu", **crf_kwargs: Any
-) -> tuple[FCN8s, WeightsInfo]:
+) -> tuple[CrfRnnNet | FCN8s, WeightsInfo]:
     """Build the network a weights file describes (:func:`network_for`: CrfRnnNet or FCN8s, class count, width)
     and load it; any file :func:`read_weights` reads that has class layers (a training checkpoint included).
 
     The network is built without memory of its own (on the ``meta`` device) and takes the file's tensors over, so
     loading needs no second copy of the weights. Every tensor must fit (strict). Returns ``(model in eval mode on
-    device, info)``; the model is a :class:`~crfasrnn.models.CrfRnnNet` (an FCN8s subclass) when the file has a CRF.
+    device, info)``; the model is a :class:`~crfasrnn.models.CrfRnnNet` (over an FCN8s) when the file has a CRF, else
+    an :class:`~crfasrnn.models.FCN8s`.
 
     Raises:
         FileNotFoundError: no such file.

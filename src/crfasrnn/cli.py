@@ -372,7 +372,7 @@ def _refine(args: argparse.Namespace) -> int:
 
     from .image import overlay, save_annotation, save_image, save_label_map, voc_palette
     from .inputs import is_pattern, refine_jobs
-    from .refine import check_parameters
+    from .refine import check_parameters, label_changes
 
     check_parameters(
         num_iterations=args.iterations,
@@ -412,10 +412,8 @@ def _refine(args: argparse.Namespace) -> int:
             save_label_map(refined, output)
         else:
             save_annotation(annotation, refined, output)
-            known = coarse != annotation.unknown_label if annotation.unknown_label is not None else coarse >= 0
-            changed += int((refined[known] != coarse[known]).sum())
-            labelled += int(known.sum())
-            unknown += int((~known).sum())
+            counts = label_changes(coarse, refined, annotation.unknown_label)
+            changed, labelled, unknown = changed + counts[0], labelled + counts[1], unknown + counts[2]
         total += refined.size
         if blend is not None:
             save_image(blend, output.with_name(f"{output.stem}_overlay.png"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 __all__ = ["IMAGE_SUFFIXES", "expand_inputs", "images_in", "is_pattern", "output_names", "refine_jobs"]
 
-#: The file suffixes (lower case) taken as images where a folder is listed.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+#: The file suffixes (lower case) taken as images where a folder is listed, in the order a file is looked for by stem.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def is_pattern(text: str) -> bool:

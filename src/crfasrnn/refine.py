@@ -46,7 +46,14 @@ import torch.nn.functional as F
 from .crf import crf_rnn
 from .errors import InputTypeError
 
-__all__ = ["check_parameters", "infer_num_classes", "refine", "unary_from_labels", "unary_from_probs"]
+__all__ = [
+    "check_parameters",
+    "infer_num_classes",
+    "label_changes",
+    "refine",
+    "unary_from_labels",
+    "unary_from_probs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -431,3 +438,18 @@ def infer_num_classes(labels: torch.Tensor, unknown_label: int | None) -> int:
             "(or unknown_label if it marks unlabelled pixels)"
         )
     return num_classes
+
+
+def label_changes(coarse: np.ndarray, refined: np.ndarray, unknown_label: int | None) -> tuple[int, int, int]:
+    """What a refinement did to a label map: ``(changed, labelled, unknown)`` pixel counts.
+
+    ``changed`` counts the labelled pixels of ``coarse`` whose label the refinement changed, ``labelled`` the
+    labelled pixels, ``unknown`` the pixels of ``unknown_label`` (all of which the refinement labels); without an
+    unknown label, negative values are unknown.
+
+    Example:
+        >>> label_changes(np.array([[0, 1], [255, 1]]), np.array([[0, 0], [1, 1]]), 255)
+        (1, 3, 1)
+    """
+    known = coarse != unknown_label if unknown_label is not None else coarse >= 0
+    return int((refined[known] != coarse[known]).sum()), int(known.sum()), int((~known).sum())

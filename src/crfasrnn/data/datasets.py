@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..image import opened_image, read_image
+from ..inputs import IMAGE_SUFFIXES
 from ..transforms import VOC_CLASSES
 
 __all__ = [
@@ -31,8 +32,6 @@ IGNORE_INDEX = 255
 """Label value that marks pixels to ignore (object boundaries in VOC, padding in training crops)."""
 
 VOC_CLASS_NAMES = VOC_CLASSES
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".ppm")
 
 # A transform takes (image (H, W, 3) uint8, label (H, W) int64, rng) and returns the pair transformed.
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]

@@ -15,6 +15,20 @@ REFERENCE_DIR = Path(__file__).parent / "reference"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+#: A loopback address nothing listens on: a download from it is refused at once.
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+@pytest.fixture(autouse=True)
+def _no_network_and_a_private_weights_cache(tmp_path_factory, monkeypatch):
+    """No test may touch the internet or the user's cache: the published names resolve to a refused loopback address
+    (``CRFASRNN_WEIGHTS_BASE_URL``) and torch.hub's cache is a fresh folder per test (``TORCH_HOME``). Tests that serve
+    weights set the base URL to their own loopback server."""
+    monkeypatch.setenv("CRFASRNN_WEIGHTS_BASE_URL", UNREACHABLE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+    monkeypatch.delenv("CRFASRNN_WEIGHTS", raising=False)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)

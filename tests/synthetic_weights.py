@@ -1,4 +1,5 @@
-"""Synthetic weight files of the published layouts (Caffe V1/V2 NetParameter, the PyTorch port's .pth), for tests.
+"""Synthetic weight files of the published layouts (Caffe V1/V2 NetParameter, the PyTorch port's .pth, the Keras
+port's .h5), for tests.
 
 The Caffe files are written with the same runtime descriptor the reader uses (typed, packed float fields, as Caffe
 writes them), with the layers of the deploy prototxt that carry no weights in between, as in the real file.
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from crfasrnn.models import CrfRnnNet
-from crfasrnn.weights import CAFFE_LAYERS, PORT_KEYS, caffe_messages
+from crfasrnn.weights import CAFFE_LAYERS, KERAS_LAYERS, PORT_KEYS, caffe_messages
 
 # The V1 LayerType numbers of caffe.proto for the types used below (MULTI_STAGE_MEANFIELD is the fork's own).
 _V1_TYPES = {
@@ -141,4 +142,78 @@ def write_port_pth(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
         else:
             port[key] = value
     torch.save(port, path)
+    return path
+
+
+# The Keras port's layers without weights, in the order of its model (crfrnn_model.py): Keras 2 writes an empty group
+# for each, named as Keras names them (the input, padding, pooling, dropout, cropping and add layers).
+_KERAS_EMPTY = (
+    "input_1", "zero_padding2d_1", "pool1", "pool2", "pool3", "pool4", "pool5", "dropout_1", "dropout_2",
+    "cropping2d_1", "add_1", "cropping2d_2", "add_2", "cropping2d_3",
+)  # fmt: skip
+
+
+def keras_arrays(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+    """Our state_dict as the Keras port's weights, written from Keras's own layouts (not from our reader):
+
+    a ``Conv2D`` kernel is (h, w, in, out) and ours (out, in, h, w); a ``Conv2DTranspose`` kernel is (h, w, out, in)
+    and ours (in, out, h, w); both are ``permute(2, 3, 1, 0)`` of ours. Biases and CRF matrices as they are (the
+    Keras layer computes ``U - M @ msg``, Caffe's sign and ours).
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for layer, weights in KERAS_LAYERS.items():
+        out[layer] = {}
+        for name, key in weights:
+            value = state_dict[key]
+            out[layer][name] = (value.permute(2, 3, 1, 0) if value.ndim == 4 else value).contiguous().numpy()
+    return out
+
+
+def write_keras_h5(
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    full_model: bool = True,
+    skip_layer: str | None = None,
+    skip_weight: tuple[str, str] | None = None,
+    extra_layer: str | None = None,
+    replace: dict[tuple[str, str], np.ndarray] | None = None,
+    generic_names: bool = False,
+) -> Path:
+    """An HDF5 file as Keras 2 (TensorFlow) writes the Keras port's model.
+
+    ``full_model``: ``model.save``'s layout (``/model_weights/<layer>/<layer>/kernel:0``), else ``save_weights``'s
+    (``/<layer>/<layer>/kernel:0``). Each layer group lists its datasets in ``weight_names``, the root its layers in
+    ``layer_names``. ``skip_layer`` leaves a layer out, ``skip_weight`` (layer, weight) a dataset, ``extra_layer``
+    adds a layer with a kernel, ``replace`` swaps (layer, weight)'s array, ``generic_names`` names the datasets
+    ``param_0``, ``param_1`` … (a file whose names say nothing).
+    """
+    import h5py
+
+    arrays = keras_arrays(state_dict)
+    for (layer, name), array in (replace or {}).items():
+        arrays[layer][name] = array
+    if extra_layer:
+        arrays[extra_layer] = {"kernel": np.zeros((1, 1, 3, 3), np.float32)}
+    order = list(_KERAS_EMPTY[:2]) + [n for n in arrays if n.startswith("conv")] + list(_KERAS_EMPTY[2:])
+    order += [n for n in arrays if n not in order]
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = b"2.1.2"
+        f.attrs["backend"] = b"tensorflow"
+        root = f.create_group("model_weights") if full_model else f
+        if full_model:
+            f.attrs["model_config"] = b'{"class_name": "Model", "config": {"name": "crfrnn_net"}}'
+        names = [n for n in order if n != skip_layer]
+        root.attrs["layer_names"] = np.array([n.encode() for n in names])  # fixed-length bytes, as Keras 2
+        for layer in names:
+            group = root.create_group(layer)
+            weights = {} if layer in _KERAS_EMPTY else arrays[layer]
+            listed = []
+            for i, (name, array) in enumerate(weights.items()):
+                if (layer, name) == skip_weight:
+                    continue
+                dataset = f"param_{i}" if generic_names else f"{layer}/{name}:0"
+                group.create_dataset(dataset, data=array)
+                listed.append(dataset.encode())
+            group.attrs["weight_names"] = np.array(listed, dtype="S")
     return path

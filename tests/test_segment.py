@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import UNREACHABLE
 from PIL import Image
 from synthetic_weights import random_state_dict, write_caffemodel, write_port_pth
 
@@ -173,15 +175,19 @@ def _run(args, capsys):
     return rc, out, err
 
 
-def test_segment_without_weights_explains_where_to_get_them(tmp_path, capsys, monkeypatch):
+def test_segment_without_weights_fetches_the_default_and_says_why_it_cannot(tmp_path, capsys, monkeypatch):
+    """No --weights: the published default (voc-coco) is fetched; offline, one line names the URL, the cache file and
+    how to pass a local file, and nothing is created."""
     monkeypatch.delenv("CRFASRNN_WEIGHTS", raising=False)
     Image.fromarray(_photo()).save(tmp_path / "a.jpg")
     rc, out, err = _run(["segment", str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out")], capsys)
     assert rc == 1 and out == ""
-    assert err.count("\n") == 1 and err.startswith("crfasrnn segment: error: no weights given")
-    for needle in ("torrvision/crfasrnn", "sadeepj/crfasrnn_pytorch", "crfasrnn convert", "TVG_CRFRNN_COCO_VOC"):
+    assert err.count("\n") == 1 and err.startswith("crfasrnn segment: error: cannot reach "), err
+    cache = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
+    for needle in (f"{UNREACHABLE}/crfasrnn_weights.pth", str(cache / "crfasrnn_weights.pth"), "--weights PATH"):
         assert needle in err
     assert not (tmp_path / "out").exists()
+    assert not cache.exists() or not any(cache.iterdir())
 
 
 def test_segment_writes_label_maps_and_overlays(tmp_path, capsys, monkeypatch, weights_file):

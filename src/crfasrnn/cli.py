@@ -246,11 +246,10 @@ def _segment(args: argparse.Namespace) -> int:
     from .distributed import process_rank, shard
     from .inputs import expand_inputs, output_names
     from .segment import check_writable_folder, segment_file
-    from .weights import WEIGHTS_HELP, load_model
+    from .weights import load_model
+    from .weights.hub import DEFAULT_WEIGHTS, WEIGHTS_ENV
 
-    weights = args.weights or os.environ.get("CRFASRNN_WEIGHTS")
-    if not weights:
-        raise ValueError(f"no weights given: {WEIGHTS_HELP}")
+    weights = args.weights or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS
     rank, world = process_rank()
     paths = expand_inputs(args.images)
     names = output_names(paths)
@@ -566,10 +565,55 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         engine = serve.Engine(device=args.device, limits=limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    what = f"segmentation with {Path(weights).name}" if weights else "refinement (no --weights given)"
+    what = f"segmentation with {Path(str(weights)).name}" if weights else "refinement (no --weights given)"
     print(f"crfasrnn serve: {what} on http://{host}:{args.port}/ (Ctrl+C stops)", flush=True)
     serve.run_server(engine, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    """``crfasrnn weights list|download|verify|path``."""
+    from .weights import read_weights
+    from .weights.hub import REGISTRY, cache_dir, cached_path, resolve, url_of, verify
+
+    if args.action == "list":
+        for name, entry in REGISTRY.items():
+            state = "cached" if cached_path(name).is_file() else "not downloaded"
+            print(f"{name:16} {entry.filename:32} {state:15} {entry.description}")
+            print(f"{'':16} {url_of(name)}")
+        return 0
+    if args.action == "path":
+        print(cache_dir() if args.name is None else cached_path(args.name))
+        return 0
+    if args.name is None:
+        raise ValueError(f"crfasrnn weights {args.action} needs a published name, a URL or a file")
+    if args.action == "download":
+        path = resolve(args.name, url=args.url, validate=lambda p: read_weights(p, allow_backbone=True))
+        print(f"{args.name}: {path}")
+        return 0
+    path = verify(args.name)  # checksums: the published sha1, the sha256 recorded at download
+    _, info = read_weights(path, allow_backbone=True)  # structure: it reads as weights
+    published = REGISTRY.get(args.name)
+    check = " (matches the published sha1)" if published is not None and published.sha1 else ""
+    print(
+        f"{args.name}: {info.format}, {info.num_classes} classes, width {info.metadata.get('width', 1.0):g}; "
+        f"sha256 {info.sha256}{check}"
+    )
+    return 0
+
+
+def _add_weights_parser(sub) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="the published weights: list them, download them ahead of use, verify a file, show the cache",
+        description="Downloads go to torch.hub's cache ($TORCH_HOME/hub/checkpoints), are verified (the published "
+        "sha1 where there is one, else by reading them), and are then used offline. CRFASRNN_WEIGHTS_BASE_URL "
+        "replaces the published hosts (a mirror). The published model is for non-commercial use only.",
+    )
+    p.add_argument("action", choices=["list", "download", "verify", "path"])
+    p.add_argument("name", nargs="?", help="a published name (see list), a URL, or (verify) a file")
+    p.add_argument("--url", help="download: fetch the published file from this mirror (still checked by its sha1)")
+    p.set_defaults(func=_weights)
 
 
 def _add_serve_parser(sub) -> None:
@@ -581,7 +625,10 @@ def _add_serve_parser(sub) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--weights", help="weights file (.caffemodel, the port's .pth, or ours); default: $CRFASRNN_WEIGHTS")
+    p.add_argument(
+        "--weights",
+        help="a weights file, an http(s) URL or a published name (crfasrnn weights list); default: $CRFASRNN_WEIGHTS",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--iterations", type=int, default=10, help="CRF iterations of the network (default: 10)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload per request in MiB (default: 10)")
@@ -640,7 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("images", nargs="+", help="image files, folders or glob patterns (quote them)")
     segment.add_argument(
-        "-w", "--weights", help="weights file (.caffemodel, the port's .pth, or converted); default: $CRFASRNN_WEIGHTS"
+        "-w",
+        "--weights",
+        help="a weights file (.caffemodel, the port's .pth, ours), an http(s) URL, or a published name (crfasrnn "
+        "weights list; downloaded once into the cache); default: $CRFASRNN_WEIGHTS, else voc-coco",
     )
     segment.add_argument("-o", "--output", default="segment-output", help="output folder (default: segment-output)")
     segment.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
@@ -653,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=_segment)
     _add_refine_parser(sub)
     _add_serve_parser(sub)
+    _add_weights_parser(sub)
     _add_train_parser(sub)
     _add_evaluate_parser(sub)
     return parser

@@ -7,10 +7,12 @@ One module per job:
 
 * :mod:`~crfasrnn.weights.caffe`: the Caffe ``.caffemodel`` reader (a ``caffe.NetParameter`` protobuf, V1 or V2,
   parsed with message classes built at run time: no Caffe, no ``protoc``).
-* :mod:`~crfasrnn.weights.convert`: the key tables (:data:`CAFFE_LAYERS`, :data:`PORT_KEYS`,
+* :mod:`~crfasrnn.weights.keras`: the Keras port's ``.h5`` reader (HDF5, with h5py: the ``keras`` extra).
+* :mod:`~crfasrnn.weights.convert`: the key tables (:data:`CAFFE_LAYERS`, :data:`PORT_KEYS`, :data:`KERAS_LAYERS`,
   :data:`VGG16_TORCHVISION_KEYS`, :data:`FLAT_KEYS`) and pure conversions to our names; the port stores ``-M``, so
-  its compatibility matrix changes sign; :func:`compose_keys` is the one mapping from the flat layout (the tables'
-  names, our files of the versions whose CrfRnnNet subclassed FCN8s) to CrfRnnNet's.
+  its compatibility matrix changes sign (the Keras port's keeps Caffe's), and the Keras kernels are channels-last;
+  :func:`compose_keys` is the one mapping from the flat layout (the tables' names, our files of the versions whose
+  CrfRnnNet subclassed FCN8s) to CrfRnnNet's.
 * :mod:`~crfasrnn.weights.format`: our format (safetensors, or ``torch.save``, with metadata), :class:`WeightsInfo`,
   :func:`save_weights`.
 * :mod:`~crfasrnn.weights.load`: the one loader: :func:`read_weights` recognises every kind of file,
@@ -26,16 +28,19 @@ from .caffe import caffe_messages, read_caffemodel
 from .convert import (
     CAFFE_LAYERS,
     FLAT_KEYS,
+    KERAS_LAYERS,
     PORT_KEYS,
     VGG16_TORCHVISION_KEYS,
     compose_keys,
     convert_caffe_blobs,
+    convert_keras_weights,
     convert_port_state_dict,
     convert_torchvision_vgg16,
     is_torchvision_vgg16,
 )
 from .errors import WeightsError
 from .format import PAPER, WeightsInfo, default_metadata, file_sha256, save_weights
+from .keras import read_keras_h5
 from .load import (
     WEIGHTS_HELP,
     convert_weights,
@@ -52,6 +57,7 @@ __all__ = [
     "WeightsInfo",
     "PORT_KEYS",
     "CAFFE_LAYERS",
+    "KERAS_LAYERS",
     "VGG16_TORCHVISION_KEYS",
     "FLAT_KEYS",
     "PAPER",
@@ -60,6 +66,8 @@ __all__ = [
     "read_caffemodel",
     "convert_caffe_blobs",
     "convert_port_state_dict",
+    "read_keras_h5",
+    "convert_keras_weights",
     "is_torchvision_vgg16",
     "convert_torchvision_vgg16",
     "compose_keys",

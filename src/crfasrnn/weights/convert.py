@@ -8,6 +8,10 @@
 * **PyTorch port** (:data:`PORT_KEYS`, ``sadeepj/crfasrnn_pytorch``'s ``crfasrnn_weights.pth``): the backbone keys
   are ours; the CRF's are renamed, and the port stores ``-M`` (its update is ``Q = U + M·msg``), so the compatibility
   matrix changes sign (:func:`convert_port_state_dict`).
+* **Keras port** (:data:`KERAS_LAYERS`, ``sadeepj/crfasrnn_keras``'s ``crfrnn_keras_model.h5``): Caffe's layer names
+  (the CRF layer is ``crfrnn``), TensorFlow's channels-last kernels: a ``Conv2D`` kernel is (h, w, in, out), a
+  ``Conv2DTranspose`` kernel (h, w, out, in), both permuted to PyTorch's (out, in, h, w) / (in, out, h, w) by
+  :func:`convert_keras_weights`; the CRF matrices are Caffe's, in Caffe's sign (``Q = U − M·msg``, ``M`` from −I).
 * **torchvision VGG-16** (:data:`VGG16_TORCHVISION_KEYS`, ``features.N`` / ``classifier.N``): an ImageNet backbone to
   start training from; :func:`convert_torchvision_vgg16` renames it to FCN-8s keys and reshapes the fully connected
   ``fc6`` to a 7×7 convolution and ``fc7`` to 1×1. ``classifier.6`` (the 1000-way classifier) is dropped.
@@ -32,6 +36,7 @@ T = TypeVar("T")
 __all__ = [
     "PORT_KEYS",
     "CAFFE_LAYERS",
+    "KERAS_LAYERS",
     "VGG16_TORCHVISION_KEYS",
     "FLAT_KEYS",
     "BACKBONE_PREFIX",
@@ -40,6 +45,7 @@ __all__ = [
     "squeeze_leading",
     "convert_caffe_blobs",
     "convert_port_state_dict",
+    "convert_keras_weights",
     "is_torchvision_vgg16",
     "convert_torchvision_vgg16",
 ]
@@ -83,6 +89,31 @@ CAFFE_LAYERS: dict[str, tuple[str, ...]] = {
     "upsample": ("upscore8.weight",),
     "inference1": ("crf.spatial_weights", "crf.bilateral_weights", "crf.compatibility"),
 }
+
+#: Keras layer name of the Keras port's model (its ``src/crfrnn_model.py`` and ``src/crfrnn_layer.py``) -> (Keras
+#: weight name, our tensor name) of its weights, in the order the layer creates them (the order in which Keras's
+#: ``load_weights`` matches them). The FCN-8s layers carry Caffe's names (:data:`CAFFE_LAYERS`), the CRF layer is
+#: ``crfrnn`` (Caffe's ``inference1``). ``score2``, ``score4`` and ``upsample`` are ``Conv2DTranspose`` layers.
+KERAS_LAYERS: dict[str, tuple[tuple[str, str], ...]] = {
+    **{
+        name: (("kernel", f"{name}.weight"), ("bias", f"{name}.bias"))
+        for name in (
+            "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+            "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7",
+        )
+    },
+    "score-fr": (("kernel", "score_fr.weight"), ("bias", "score_fr.bias")),
+    "score2": (("kernel", "upscore2.weight"), ("bias", "upscore2.bias")),
+    "score-pool4": (("kernel", "score_pool4.weight"), ("bias", "score_pool4.bias")),
+    "score4": (("kernel", "upscore_pool4.weight"),),  # use_bias=False
+    "score-pool3": (("kernel", "score_pool3.weight"), ("bias", "score_pool3.bias")),
+    "upsample": (("kernel", "upscore8.weight"),),  # use_bias=False
+    "crfrnn": (
+        ("spatial_ker_weights", "crf.spatial_weights"),
+        ("bilateral_ker_weights", "crf.bilateral_weights"),
+        ("compatibility_matrix", "crf.compatibility"),  # Caffe's sign: the Keras layer computes U − M·msg as ours
+    ),
+}  # fmt: skip
 
 #: torchvision ``vgg16`` module prefix -> FCN-8s layer name. ``classifier.6`` (the 1000-way ImageNet classifier) has
 #: no counterpart and is dropped.
@@ -227,6 +258,65 @@ def convert_port_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
             out[new_key] = value * factor if factor != 1.0 else value
         else:
             out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- Keras port
+
+
+def convert_keras_weights(
+    layers: Mapping[str, Mapping[str, np.ndarray]], *, where: str = "file"
+) -> dict[str, torch.Tensor]:
+    """Map the Keras port's layer weights to our state_dict with :data:`KERAS_LAYERS` (a pure function).
+
+    Kernels (4-D) go from TensorFlow's channels-last layout to PyTorch's: a ``Conv2D`` kernel (h, w, in, out) becomes
+    ``Conv2d``'s (out, in, h, w) and a ``Conv2DTranspose`` kernel (h, w, out, in) ``ConvTranspose2d``'s (in, out, h,
+    w): the same axis permutation (3, 2, 0, 1) for both; neither flips the kernel (both frameworks' convolutions are
+    cross-correlations, their transposed convolutions its adjoint). Biases (1-D) and the CRF matrices (C×C, applied as
+    ``M @ x`` in both, Caffe's sign in both) are kept as they are.
+
+    Args:
+        layers: ``{Keras layer name: {Keras weight name: array}}``, as
+            :func:`~crfasrnn.weights.keras.read_keras_h5` returns it.
+        where: the file, for messages.
+
+    Raises:
+        WeightsError: a missing layer or weight, an unexpected layer with weights, or an array whose number of
+            dimensions is not that of its tensor.
+
+    Example:
+        >>> layers = {name: {w: np.zeros((1, 1, 2, 3) if w == "kernel" else (3,), np.float32) for w, _ in weights}
+        ...           for name, weights in KERAS_LAYERS.items() if name != "crfrnn"}
+        >>> layers["crfrnn"] = {w: -np.eye(3, dtype=np.float32) for w, _ in KERAS_LAYERS["crfrnn"]}
+        >>> out = convert_keras_weights(layers)
+        >>> out["fc7.weight"].shape, out["crf.compatibility"][0, 0].item()
+        (torch.Size([3, 2, 1, 1]), -1.0)
+    """
+    unexpected = sorted(name for name, weights in layers.items() if weights and name not in KERAS_LAYERS)
+    if unexpected:
+        raise WeightsError(f"{where}: unexpected Keras layers with weights: {', '.join(unexpected)}")
+    out: dict[str, torch.Tensor] = {}
+    for layer, weights in KERAS_LAYERS.items():
+        if layer not in layers:
+            keys = ", ".join(key for _, key in weights)
+            raise WeightsError(f"{where}: Keras layer '{layer}' is missing (it holds {keys})")
+        arrays = layers[layer]
+        extra = sorted(set(arrays) - {name for name, _ in weights})
+        if extra:
+            raise WeightsError(f"{where}: Keras layer '{layer}' has unexpected weights: {', '.join(extra)}")
+        for name, key in weights:
+            if name not in arrays:
+                raise WeightsError(f"{where}: Keras layer '{layer}' has no weight '{name}' (our {key})")
+            array = np.asarray(arrays[name])
+            ndim = 2 if key.startswith("crf.") else 4 if key.endswith(".weight") else 1
+            if array.ndim != ndim:
+                raise WeightsError(
+                    f"{where}: Keras weight '{layer}/{name}' has shape {tuple(array.shape)}, expected {ndim} dimensions"
+                    f" (our {key})"
+                )
+            if ndim == 4:
+                array = array.transpose(3, 2, 0, 1)
+            out[key] = torch.from_numpy(np.ascontiguousarray(array))
     return out
 
 

@@ -7,6 +7,9 @@
   :mod:`~crfasrnn.weights.caffe`, renamed by :data:`~crfasrnn.weights.convert.CAFFE_LAYERS`.
 * the PyTorch port's ``.pth`` (``port-pth``): a state_dict with ``crfrnn.*`` keys
   (:data:`~crfasrnn.weights.convert.PORT_KEYS`; the compatibility matrix changes sign).
+* the Keras port's ``.h5`` (``keras-h5``): HDF5 (its 8-byte signature), read by :mod:`~crfasrnn.weights.keras` with
+  h5py (the ``keras`` extra), renamed by :data:`~crfasrnn.weights.convert.KERAS_LAYERS`, kernels permuted from
+  channels-last (Caffe's sign: nothing changes sign).
 * ours (:mod:`~crfasrnn.weights.format`): safetensors (``safetensors``: an 8-byte header length, then ``{``), or
   ``torch.save`` of ``{"state_dict": ..., "metadata": ...}`` or of a plain state_dict in our names (``torch``).
 * a ``crfasrnn train`` checkpoint (``checkpoint``): ``{"model": state_dict, "args": options, "class_names": ...}``
@@ -52,6 +55,7 @@ from .convert import (
     PORT_KEYS,
     compose_keys,
     convert_caffe_blobs,
+    convert_keras_weights,
     convert_port_state_dict,
     convert_torchvision_vgg16,
     fcn_key,
@@ -68,6 +72,8 @@ from .format import (
     save_weights,
     width_of,
 )
+from .hub import LICENCE, resolve
+from .keras import read_keras_h5
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +91,24 @@ __all__ = [
 
 #: Where the published weights can be obtained (shown when none are given).
 WEIGHTS_HELP = (
-    "the published CRF-RNN weights are TVG_CRFRNN_COCO_VOC.caffemodel (Caffe; linked from the README of "
-    "https://github.com/torrvision/crfasrnn) and crfasrnn_weights.pth (PyTorch port; release 0.0.1 of "
-    "https://github.com/sadeepj/crfasrnn_pytorch/releases); pass either with --weights or CRFASRNN_WEIGHTS, or "
-    "convert it once with `crfasrnn convert SRC DST` (accepts both formats)"
+    "the published CRF-RNN weights are registered by name (crfasrnn weights list): voc-coco (the PyTorch port's "
+    "crfasrnn_weights.pth), voc-coco-caffe (TVG_CRFRNN_COCO_VOC.caffemodel) and voc-coco-keras "
+    "(crfrnn_keras_model.h5); pass a name, a URL or a file with --weights or CRFASRNN_WEIGHTS; a name or URL is "
+    "downloaded once into torch.hub's cache"
 )
 
 #: The formats of the published CRF-RNN files: always a CrfRnnNet.
-PUBLISHED_FORMATS = ("caffe-v1", "caffe-v2", "port-pth")
+PUBLISHED_FORMATS = ("caffe-v1", "caffe-v2", "port-pth", "keras-h5")
+
+
+def _readable(path: Path) -> None:
+    """The structural check of a downloaded file without a published checksum: it reads as weights."""
+    read_weights(path, allow_backbone=True)
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"safetensors"``, ``"torch"`` (zip or pickle, the port's ``.pth`` included) or ``"caffe"``, from the bytes.
+    """``"safetensors"``, ``"torch"`` (zip or pickle, the port's ``.pth`` included), ``"hdf5"`` (the Keras port's
+    ``.h5``) or ``"caffe"``, from the bytes.
 
     Raises:
         FileNotFoundError: no such file.
@@ -110,6 +122,8 @@ def detect_format(path: str | os.PathLike) -> str:
         head = f.read(9)
     if not head:
         raise WeightsError(f"{path} is empty")
+    if head[:8] == b"\x89HDF\r\n\x1a\n":  # HDF5's signature (at offset 0: h5py and Keras write no user block)
+        return "hdf5"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
@@ -166,15 +180,17 @@ def read_weights(
     module docstring for the kinds of file and the layouts.
 
     Args:
-        path: the file.
+        path: a local file, an ``http(s)://`` URL or a published name (:mod:`crfasrnn.weights.hub`: downloaded once
+            into the cache, verified, then read from there).
         allow_backbone: accept a file without class layers (no ``score_fr.weight``: a torchvision VGG-16, a
             backbone state_dict), with ``num_classes`` 0, e.g. to start training from it.
 
     Raises:
         FileNotFoundError: no such file.
-        WeightsError: unreadable, truncated, not a weights file, or missing layers.
+        WeightsError: unreadable, truncated, not a weights file, or missing layers (``DownloadError``, one of them:
+            a download that failed or gave another file).
     """
-    path = Path(path)
+    path = resolve(path, validate=_readable)  # a registered name or a URL: the cached download
     fmt = detect_format(path)
     metadata: dict[str, Any] = {}
     if fmt == "caffe":
@@ -182,6 +198,10 @@ def read_weights(
         state_dict = convert_caffe_blobs(blobs, where=str(path))
         del blobs
         # Caffe layer names are checked by convert_caffe_blobs; shapes against the model in load_weights.
+    elif fmt == "hdf5":
+        layers = read_keras_h5(path)  # the datasets' names and dtypes are checked there; shapes in load_weights
+        state_dict, fmt = convert_keras_weights(layers, where=str(path)), "keras-h5"
+        del layers
     elif fmt == "safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -229,6 +249,8 @@ def read_weights(
     width = metadata["width"] if "width" in metadata else width_of(state_dict)  # checked by metadata_width
     meta = {**default_metadata(num_classes, width=width, architecture=architecture), **metadata}
     meta["architecture"] = architecture  # what the tensors are, whatever an older file's metadata claims
+    if fmt in PUBLISHED_FORMATS:
+        meta.setdefault("licence", LICENCE)  # the published model's terms travel with every file made from it
     if fmt not in ("safetensors", "torch") or "source_file" not in meta:
         meta.setdefault("source_file", path.name)
         meta.setdefault("source_format", fmt)

@@ -12,7 +12,7 @@ import http.server
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class Server:
     routes: dict[str, Route] = field(default_factory=dict)
     hits: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    close: Callable[[], None] = lambda: None
 
 
 @pytest.fixture
@@ -76,12 +77,20 @@ def server(monkeypatch) -> Iterator[Server]:
     thread.start()
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     monkeypatch.setenv("CRFASRNN_WEIGHTS_BASE_URL", state.url + "/published")
+    closed = threading.Event()
+
+    def close() -> None:  # stop serving and free the port: every later request is refused
+        if not closed.is_set():
+            closed.set()
+            state.stop.set()
+            httpd.shutdown()
+            httpd.server_close()
+
+    state.close = close
     try:
         yield state
     finally:
-        state.stop.set()
-        httpd.shutdown()
-        httpd.server_close()
+        close()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +125,7 @@ def test_the_default_name_downloads_once_then_works_offline(server, port_pth, tm
     assert recorded == hashlib.sha256(port_pth).hexdigest()
     assert sum("non-commercial" in r.getMessage() for r in caplog.records) == 1  # the licence, said once
 
-    server.routes.clear()  # the server now answers 404 to everything: the cache must serve
+    server.close()  # no server any more: the cache must serve
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert main(["segment", str(photo), "-o", str(tmp_path / "second"), "--iterations", "1"]) == 0

@@ -182,6 +182,15 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--crf-lr-mult-kernel", type=float, help="lr multiplier of the CRF kernel weights (default 1000)")
     p.add_argument("--crf-lr-mult-compat", type=float, help="lr multiplier of the CRF compatibility (default 100)")
     p.add_argument("--crf-weight-decay", type=float, help="weight decay of the CRF parameters (default 0)")
+    p.add_argument(
+        "--crf-loss-weight",
+        type=float,
+        help="weakly supervised training: add the dense-CRF loss with this weight to the partial cross-entropy on "
+        "the labelled pixels (255 = unlabelled), e.g. 2e-9 as in the paper (default 0: off)",
+    )
+    p.add_argument("--crf-loss-sigma-rgb", type=float, help="colour bandwidth of the dense-CRF loss (default 15)")
+    p.add_argument("--crf-loss-sigma-xy", type=float, help="spatial bandwidth of the dense-CRF loss (default 100)")
+    p.add_argument("--crf-loss-scale", type=float, help="scale the dense-CRF loss is computed at (default 0.5)")
     p.add_argument("--num-iterations-train", type=int, help="mean-field iterations in training (default 5)")
     p.add_argument("--num-iterations-test", type=int, help="mean-field iterations in validation (default 10)")
     p.add_argument("--init", help="initial weights: VGG-16 (torchvision layout), a checkpoint, or a weights file")

@@ -48,6 +48,7 @@ from .errors import MissingDependencyError, TrainingDivergedError
 from .evaluate import SegmentationMetrics, model_confusion, segmentation_metrics
 from .files import remove_orphans
 from .initialise import he_initialise, initialise_from_file
+from .losses import dense_crf_loss
 from .models import CrfRnnNet, FCN8s
 from .weights import state_dict_for
 
@@ -97,6 +98,12 @@ class TrainConfig:
     crf_weight_decay: float = 0.0
     num_iterations_train: int = 5
     num_iterations_test: int = 10
+    # weakly supervised training: partial cross-entropy on the labelled pixels + the dense-CRF loss (crfasrnn.losses);
+    # 0 switches it off; the paper's settings: weight 2e-9, sigma_rgb 15, sigma_xy 100, scale 0.5
+    crf_loss_weight: float = 0.0
+    crf_loss_sigma_rgb: float = 15.0
+    crf_loss_sigma_xy: float = 100.0
+    crf_loss_scale: float = 0.5
     init: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -129,6 +136,13 @@ class TrainConfig:
         for name in ("num_iterations_train", "num_iterations_test", "workers", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.crf_loss_weight) and self.crf_loss_weight >= 0):
+            raise ValueError(f"crf_loss_weight must be a finite number >= 0, got {self.crf_loss_weight}")
+        for name in ("crf_loss_sigma_rgb", "crf_loss_sigma_xy"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 < self.crf_loss_scale <= 1:
+            raise ValueError(f"crf_loss_scale must lie in (0, 1], got {self.crf_loss_scale}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.stage]
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -372,6 +386,7 @@ class _Run:
     step: int = 0  # optimizer steps taken
     records: list[dict[str, Any]] = field(default_factory=list)
     loss_value: float = float("nan")  # the last step's loss
+    crf_loss_value: float | None = None  # the last step's dense-CRF loss (weakly supervised training), else None
     val: dict[str, SegmentationMetrics] = field(default_factory=dict)  # the last validation
 
     @property
@@ -601,13 +616,28 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
     config, device = run.config, run.device
     x = preprocess_batch(images.to(device, non_blocking=True))
     labels = labels.to(device, non_blocking=True)
-    loss_sum, count = _loss_sum(run.ddp_model(x), labels)
+    logits = run.ddp_model(x)
+    loss_sum, count = _loss_sum(logits, labels)
     totals = torch.stack([loss_sum.detach().double(), count.double()])
     dist_utils.all_reduce_sum(totals)
     if totals[1] == 0:
         raise ValueError(f"step {run.step}: every pixel of the batch is ignored (255)")
     # mean over the global batch's valid pixels; DDP averages gradients over processes, hence × world
-    (loss_sum * (run.info.world_size / totals[1].float())).backward()
+    loss = loss_sum * (run.info.world_size / totals[1].float())
+    if config.crf_loss_weight > 0:  # a mean over this process's images: DDP's average makes it the global mean
+        crf = dense_crf_loss(
+            images.to(device, torch.float32),
+            torch.softmax(logits, dim=1),
+            sigma_rgb=config.crf_loss_sigma_rgb,
+            sigma_xy=config.crf_loss_sigma_xy,
+            scale_factor=config.crf_loss_scale,
+            weight=config.crf_loss_weight,
+        )
+        loss = loss + crf
+        crf_total = crf.detach().double().reshape(1)
+        dist_utils.all_reduce_sum(crf_total)
+        run.crf_loss_value = float(crf_total[0]) / run.info.world_size
+    loss.backward()
     if config.clip_grad_norm:
         nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad_norm)
     run.optimizer.step()
@@ -631,6 +661,7 @@ def _record_step(run: _Run, epoch: int) -> None:
                 "step": run.step,
                 "epoch": epoch,
                 "loss": run.loss_value,
+                **({} if run.crf_loss_value is None else {"crf_loss": run.crf_loss_value}),
                 "lr": run.optimizer.param_groups[0]["lr"],
             }
         )

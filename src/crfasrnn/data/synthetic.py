@@ -16,7 +16,7 @@ from PIL import Image
 from ..image import save_label_map
 from .datasets import IGNORE_INDEX
 
-__all__ = ["make_synthetic_voc", "CLASS_COLOURS"]
+__all__ = ["scribble_labels", "make_synthetic_voc", "CLASS_COLOURS"]
 
 CLASS_COLOURS = (
     ("red", (205, 45, 40)),
@@ -57,6 +57,38 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return (grey + stripes[..., None] + tint + noise).clip(0, 255)
 
 
+def scribble_labels(label: np.ndarray, rng: np.random.Generator, *, margin: int = 2) -> np.ndarray:
+    """Scribbles of a full label map: per class present, a 3-pixel-wide straight stroke through the middle of its
+    region (kept ``margin`` pixels inside it, where it is wide enough), at a random angle; every other pixel 255.
+
+    Example:
+        >>> label = np.zeros((20, 30), np.int64)
+        >>> label[5:15, 10:22] = 1
+        >>> s = scribble_labels(label, np.random.default_rng(0))
+        >>> sorted(np.unique(s).tolist()), bool((s != 255).mean() < 0.3)
+        ([0, 1, 255], True)
+    """
+    height, width = label.shape
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.full_like(label, IGNORE_INDEX)
+    for cls in np.unique(label):
+        if cls == IGNORE_INDEX:
+            continue
+        region = label == cls
+        inner = region.copy()
+        for _ in range(margin):  # erode by one pixel per pass (4-neighbourhood)
+            padded = np.pad(inner, 1, constant_values=False)
+            inner &= padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        if not inner.any():
+            inner = region
+        cy, cx = (float(v.mean()) for v in np.nonzero(inner))
+        angle = rng.uniform(0, np.pi)
+        distance = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+        stroke = inner & (distance <= 1.0)
+        out[stroke if stroke.any() else inner] = cls
+    return out
+
+
 def make_synthetic_voc(
     root: str | os.PathLike,
     *,
@@ -66,6 +98,7 @@ def make_synthetic_voc(
     num_classes: int = 4,
     max_objects: int = 3,
     boundary: int = 0,
+    scribbles: bool = False,
     seed: int = 0,
 ) -> Path:
     """Write a VOC-layout dataset of generated images under ``root`` and return ``root``.
@@ -81,6 +114,9 @@ def make_synthetic_voc(
         num_classes: classes including the background (2..8).
         max_objects: each image holds 1..max_objects shapes.
         boundary: width in pixels of a band of 255 (ignore) drawn around each object, as in VOC's annotations.
+        scribbles: label the training images with scribbles only (:func:`scribble_labels`: a thin stroke inside each
+            object and across the background, a few percent of the pixels; the rest 255), as weakly supervised
+            training has them; the validation images keep their full labels, for scoring.
         seed: random seed.
 
     Example:
@@ -114,6 +150,8 @@ def make_synthetic_voc(
                     for dx in range(2 * boundary + 1):
                         edge |= padded[dy : dy + height, dx : dx + width] != label
                 label = np.where(edge, IGNORE_INDEX, label)
+            if scribbles and stem.startswith("train_"):
+                label = scribble_labels(label, rng)
             Image.fromarray(image.astype(np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
             save_label_map(label, root / "SegmentationClass" / f"{stem}.png")
     for split, ids in splits.items():

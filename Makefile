@@ -58,6 +58,7 @@ bench-setup: $(STAMP)
 bench: bench-setup
 	$(PY) bench/crf_speed.py
 	$(PY) bench/densecrf_speed.py
+	$(PY) bench/loss_speed.py
 
 clean:
 	rm -rf $(VENV) $(VENV310) demo-output .pytest_cache .mypy_cache .ruff_cache

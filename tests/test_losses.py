@@ -170,9 +170,10 @@ def test_half_inputs_are_computed_in_float32():
         (lambda i, p, r: (i, p.long(), r), TypeError, "segmentations must be a floating tensor"),
         (lambda i, p, r: (i, p.masked_fill(p > 0.9, float("nan")), r), ValueError, "NaN or Inf"),
         (lambda i, p, r: (i / 255 - 0.5, p, r), ValueError, "colours in 0..255"),
+        (lambda i, p, r: (i.masked_fill(i > 250, float("nan")), p, r), ValueError, r"images \(.*\) contains NaN"),
         (lambda i, p, r: (i, p, r * 2), ValueError, "only 0"),
     ],
-    ids=["image-shape", "seg-ndim", "roi-shape", "seg-dtype", "nan", "normalised-image", "roi-values"],
+    ids=["image-shape", "seg-ndim", "roi-shape", "seg-dtype", "nan", "normalised-image", "nan-image", "roi-values"],
 )
 def test_bad_inputs_are_one_clear_error(change, error, match):
     images, probs, rois = _inputs()

@@ -582,8 +582,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _weights(args: argparse.Namespace) -> int:
     """``crfasrnn weights list|download|verify|path``."""
-    from .weights import read_weights
-    from .weights.hub import REGISTRY, cache_dir, cached_path, resolve, url_of, verify
+    from .weights import fetch_weights, read_weights
+    from .weights.hub import REGISTRY, cache_dir, cached_path, url_of, verify
 
     if args.action == "list":
         for name, entry in REGISTRY.items():
@@ -597,7 +597,7 @@ def _weights(args: argparse.Namespace) -> int:
     if args.name is None:
         raise ValueError(f"crfasrnn weights {args.action} needs a published name, a URL or a file")
     if args.action == "download":
-        path = resolve(args.name, url=args.url, validate=lambda p: read_weights(p, allow_backbone=True))
+        path = fetch_weights(args.name, url=args.url)
         print(f"{args.name}: {path}")
         return 0
     path = verify(args.name)  # checksums: the published sha1, the sha256 recorded at download

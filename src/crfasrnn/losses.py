@@ -26,6 +26,7 @@ Differences from rloss, none of which changes a value:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -175,9 +176,9 @@ class _RlossEnergy(torch.autograd.Function):
 def _check_values(images: torch.Tensor, segmentations: torch.Tensor, rois: torch.Tensor | None) -> None:
     """The checks that read the data (one reduction each): finite values, colours in 0..255, a binary ROI."""
     check_finite("segmentations", segmentations)
-    if images.is_floating_point():
-        check_finite("images", images)
-    low, high = float(images.min()), float(images.max())
+    low, high = (float(v) for v in torch.aminmax(images.detach()))  # one pass: NaN and Inf show in the extremes
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"images {tuple(images.shape)} contains NaN or Inf")
     if low < 0 or high > 255:
         raise ValueError(
             f"images must hold colours in 0..255 (the unnormalised images, as rloss's denormalizeimage gives them), "

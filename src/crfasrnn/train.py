@@ -618,12 +618,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
     labels = labels.to(device, non_blocking=True)
     logits = run.ddp_model(x)
     loss_sum, count = _loss_sum(logits, labels)
-    totals = torch.stack([loss_sum.detach().double(), count.double()])
-    dist_utils.all_reduce_sum(totals)
-    if totals[1] == 0:
-        raise ValueError(f"step {run.step}: every pixel of the batch is ignored (255)")
-    # mean over the global batch's valid pixels; DDP averages gradients over processes, hence × world
-    loss = loss_sum * (run.info.world_size / totals[1].float())
+    crf = None
     if config.crf_loss_weight > 0:  # a mean over this process's images: DDP's average makes it the global mean
         crf = dense_crf_loss(
             images.to(device, torch.float32),
@@ -633,10 +628,17 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
             scale_factor=config.crf_loss_scale,
             weight=config.crf_loss_weight,
         )
+    # one reduction for the step: the cross-entropy's sum and count, and the dense-CRF loss where there is one
+    parts = [loss_sum.detach().double(), count.double()] + ([] if crf is None else [crf.detach().double()])
+    totals = torch.stack(parts)
+    dist_utils.all_reduce_sum(totals)
+    if totals[1] == 0:
+        raise ValueError(f"step {run.step}: every pixel of the batch is ignored (255)")
+    # mean over the global batch's valid pixels; DDP averages gradients over processes, hence × world
+    loss = loss_sum * (run.info.world_size / totals[1].float())
+    if crf is not None:
         loss = loss + crf
-        crf_total = crf.detach().double().reshape(1)
-        dist_utils.all_reduce_sum(crf_total)
-        run.crf_loss_value = float(crf_total[0]) / run.info.world_size
+        run.crf_loss_value = float(totals[2]) / run.info.world_size
     loss.backward()
     if config.clip_grad_norm:
         nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad_norm)
@@ -644,7 +646,7 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1
-    run.epoch_sum += totals
+    run.epoch_sum += totals[:2]
     run.loss_value = float(totals[0] / totals[1])
     if not math.isfinite(run.loss_value):
         raise TrainingDivergedError(

@@ -19,6 +19,7 @@ is what a reader returns about a file; :func:`metadata_width` is the checked wid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ __all__ = [
     "width_of",
     "default_metadata",
     "metadata_width",
+    "file_digest",
     "file_sha256",
     "save_weights",
 ]
@@ -148,13 +150,28 @@ def metadata_width(info: WeightsInfo, default: float = 1.0) -> float:
     return width
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest (``sha256``, ``sha1`` ...) of a file, read in 1 MiB chunks.
+
+    The last few are remembered by the file's identity, size and modification time, so that the checks of a cached
+    download and the loader that then reads it hash a 538 MB file once, not twice.
+    """
+    stat = os.stat(path)
+    return _digest(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, algorithm)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, inode: int, size: int, mtime_ns: int, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (:func:`file_digest`)."""
+    return file_digest(path, "sha256")
 
 
 def save_weights(

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..files import atomic_write
 from .errors import WeightsError
+from .format import file_digest
 
 __all__ = [
     "BASE_URL_ENV",
@@ -271,7 +272,7 @@ def verify(spec: str | os.PathLike) -> Path:
     published = REGISTRY.get(text)
     _check_cached(path, published)
     if published is not None and published.sha1 is not None:
-        actual = _digest(path, "sha1")
+        actual = file_digest(path, "sha1")
         if actual != published.sha1:
             raise DownloadError(
                 f"{path} has sha1 {actual}, not the published {published.sha1}: delete it to download it again"
@@ -330,14 +331,6 @@ def _record_sha256(path: Path, digest: str) -> None:
     atomic_write(record, lambda tmp: Path(tmp).write_text(f"{digest}  {path.name}\n"))
 
 
-def _digest(path: Path, kind: str) -> str:
-    h = hashlib.new(kind)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_cached(path: Path, published: PublishedWeights | None) -> None:
     """A cached file must still be what was downloaded: its recorded sha256 (and size, where published)."""
     if published is not None and published.size is not None and path.stat().st_size != published.size:
@@ -348,8 +341,9 @@ def _check_cached(path: Path, published: PublishedWeights | None) -> None:
     record = _sha256_file(path)
     if not record.is_file():
         return  # put there by hand: the loader validates it
-    recorded = record.read_text().split()[0] if record.read_text().strip() else ""
-    actual = _digest(path, "sha256")
+    fields = record.read_text().split()
+    recorded = fields[0] if fields else ""
+    actual = file_digest(path, "sha256")
     if actual != recorded:
         raise DownloadError(
             f"the cached {path} changed since it was downloaded (sha256 {actual}, recorded {recorded}): delete it "

@@ -81,6 +81,7 @@ __all__ = [
     "WEIGHTS_HELP",
     "PUBLISHED_FORMATS",
     "detect_format",
+    "fetch_weights",
     "read_weights",
     "network_for",
     "state_dict_for",
@@ -104,6 +105,12 @@ PUBLISHED_FORMATS = ("caffe-v1", "caffe-v2", "port-pth", "keras-h5")
 def _readable(path: Path) -> None:
     """The structural check of a downloaded file without a published checksum: it reads as weights."""
     read_weights(path, allow_backbone=True)
+
+
+def fetch_weights(spec: str | os.PathLike, *, url: str | None = None) -> Path:
+    """The local file a weights argument (a path, a URL, a published name) stands for, downloaded and verified into
+    the cache where needed (:func:`crfasrnn.weights.hub.resolve`); ``url``: a mirror of a published name."""
+    return resolve(spec, url=url, validate=_readable)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -190,7 +197,7 @@ def read_weights(
         WeightsError: unreadable, truncated, not a weights file, or missing layers (``DownloadError``, one of them:
             a download that failed or gave another file).
     """
-    path = resolve(path, validate=_readable)  # a registered name or a URL: the cached download
+    path = fetch_weights(path)  # a registered name or a URL: the cached download
     fmt = detect_format(path)
     metadata: dict[str, Any] = {}
     if fmt == "caffe":

@@ -28,6 +28,9 @@ from .engine import (
     position_features,
     position_lattice_tensors,
 )
+from .errors import InputTypeError
+from .higher_order import Detections, HigherOrderPotentials, Superpixels, mean_field_higher_order
+from .higher_order._potentials import SuperpixelPotential
 from .lattice import NORMALIZE_AFTER, resolve_backend
 
 __all__ = ["CrfRnn", "bilateral_features", "crf_rnn", "set_finite_check", "spatial_features"]
@@ -135,6 +138,9 @@ def crf_rnn(
     theta_beta: float = 3.0,
     theta_gamma: float = 3.0,
     backend: str = "auto",
+    higher_order: HigherOrderPotentials | None = None,
+    detections: Detections | None = None,
+    superpixels: Superpixels | None = None,
 ) -> torch.Tensor:
     """Mean-field inference of the dense CRF, unrolled for ``num_iterations`` steps (functional form of
     :class:`CrfRnn`).
@@ -154,6 +160,11 @@ def crf_rnn(
         theta_beta: colour bandwidth of the bilateral kernel, in image units.
         theta_gamma: bandwidth of the spatial kernel, in pixels.
         backend: lattice back end (``"auto"``, ``"torch"`` or ``"numba"``).
+        higher_order: the weights of the higher-order potentials
+            (:class:`~crfasrnn.higher_order.HigherOrderPotentials`), needed where ``detections`` or ``superpixels``
+            are given.
+        detections: object detections of the batch (:class:`~crfasrnn.higher_order.Detections`, at the image size).
+        superpixels: superpixel segmentations of the batch (:class:`~crfasrnn.higher_order.Superpixels`).
 
     Returns:
         (B, C, H, W) unnormalised scores Q^T (apply a softmax for marginals).
@@ -170,6 +181,9 @@ def crf_rnn(
         theta_beta,
         theta_gamma,
         backend,
+        higher_order,
+        detections,
+        superpixels,
     )
 
 
@@ -184,6 +198,9 @@ def _crf_rnn(
     theta_beta,
     theta_gamma,
     backend,
+    higher_order=None,
+    detections=None,
+    superpixels=None,
 ):
     """:func:`crf_rnn` after the input checks (which :class:`CrfRnn` makes itself, once)."""
     num_classes = unary.shape[1]
@@ -201,6 +218,7 @@ def _crf_rnn(
     theta_beta = check_positive("theta_beta", theta_beta)
     theta_gamma = check_positive("theta_gamma", theta_gamma)
     backend = resolve_backend(backend, unary.device)
+    higher = _check_higher_order(unary, higher_order, detections, superpixels)
     if num_iterations == 0:
         return unary
 
@@ -222,9 +240,67 @@ def _crf_rnn(
         matrices = [m.to(dtype) for m in (spatial_weights, bilateral_weights, compatibility)]
         mixing = [(matrices[2] @ matrices[0]).t().contiguous(), (matrices[2] @ matrices[1]).t().contiguous()]
         after = NORMALIZE_AFTER  # CRF-RNN's normalisation: n ⊙ K p
-        return mean_field_scores(
-            unary, [spatial, bilateral], mixing, [after, after], num_iterations, False, dtype, out_dtype
+        if not higher:
+            return mean_field_scores(
+                unary, [spatial, bilateral], mixing, [after, after], num_iterations, False, dtype, out_dtype
+            )
+        # the higher-order potentials: the same lattices and matrices, iterations unrolled in torch operations
+        c = unary.shape[1]
+        u = unary.to(dtype).reshape(b, c, h * w).transpose(1, 2).contiguous()
+        q, _ = mean_field_higher_order(
+            u, [spatial, bilateral], mixing, [after, after], num_iterations, higher_order, detections, superpixels
         )
+        return q.transpose(1, 2).reshape(b, c, h, w).contiguous().to(out_dtype)
+
+
+def _check_higher_order(
+    unary: torch.Tensor,
+    higher_order: HigherOrderPotentials | None,
+    detections: Detections | None,
+    superpixels: Superpixels | None,
+) -> bool:
+    """Whether the higher-order potentials take part; their inputs must fit the unary (B, C, H, W)."""
+    b, c, h, w = unary.shape
+    if detections is not None:
+        if not isinstance(detections, Detections):
+            raise InputTypeError(
+                f"detections must be crfasrnn.higher_order.Detections, got {type(detections).__name__}"
+            )
+        if higher_order is None or not higher_order.detections:
+            raise ValueError(
+                "detections were given, but this CRF has no detection potential: CrfRnn(..., detections=True)"
+            )
+        require(
+            detections.batch_size == b and detections.size == (h, w),
+            f"detections are for {detections.batch_size} image(s) of {detections.size} (H, W), the unary "
+            f"{tuple(unary.shape)}",
+        )
+        check_same_device("detections", detections.masks, "unary", unary.device)
+        if not torch.compiler.is_compiling() and detections.labels.numel():
+            top = int(detections.labels.max())
+            require(top < c, f"a detection has label {top}, beyond the unary's {c} classes")
+    if superpixels is not None:
+        if not isinstance(superpixels, Superpixels):
+            raise InputTypeError(
+                f"superpixels must be crfasrnn.higher_order.Superpixels, got {type(superpixels).__name__}"
+            )
+        scales = 0 if higher_order is None else higher_order.superpixel_scales
+        if scales == 0:
+            raise ValueError(
+                "superpixels were given, but this CRF has no superpixel potential: CrfRnn(..., superpixel_scales=S)"
+            )
+        require(
+            superpixels.num_scales == scales,
+            f"the CRF takes {scales} superpixel scale(s), {superpixels.num_scales} were given",
+        )
+        require(
+            superpixels.segments.shape[0] == b and superpixels.size == (h, w),
+            f"superpixels {tuple(superpixels.segments.shape)} (B, S, H, W) do not fit the unary {tuple(unary.shape)}",
+        )
+        check_same_device("superpixels", superpixels.segments, "unary", unary.device)
+    if higher_order is not None and higher_order.num_classes != c:
+        raise ValueError(f"the higher-order potentials are for {higher_order.num_classes} classes, the unary has {c}")
+    return higher_order is not None and (detections is not None or superpixels is not None)
 
 
 class CrfRnn(nn.Module):
@@ -239,10 +315,18 @@ class CrfRnn(nn.Module):
         spatial_weight: initial diagonal of the spatial kernel weights W_s.
         bilateral_weight: initial diagonal of the bilateral kernel weights W_b.
         backend: lattice back end: ``"auto"`` (numba on CPU where installed, torch otherwise), ``"torch"``, ``"numba"``.
+        detections: add the detection potential of Arnab et al. (ECCV 2016); ``forward`` then takes
+            ``detections``.
+        superpixel_scales: add the superpixel potential for this many segmentations: ``forward`` then takes
+            ``superpixels``.
+        superpixel_potential: ``"mean"`` (caffe-tvg's released form, the default) or ``"potts"`` (the paper's
+            Pⁿ-Potts consistency); see :mod:`crfasrnn.higher_order`.
 
     Parameters (learnable, float32, (C, C)): ``spatial_weights`` (init ``spatial_weight·I``), ``bilateral_weights``
     (init ``bilateral_weight·I``) and ``compatibility`` (init ``−I``, the Potts model in the Caffe/paper sign
-    convention ``Q = U − M @ msg``). The bandwidths are fixed.
+    convention ``Q = U − M @ msg``). The bandwidths are fixed. With higher-order potentials, ``higher_order`` (a
+    :class:`~crfasrnn.higher_order.HigherOrderPotentials`) holds their weights; without, it is None and the state dict
+    is the plain layer's.
 
     Shape:
         - unary: (B, C, H, W) scores (logits).
@@ -268,6 +352,9 @@ class CrfRnn(nn.Module):
         spatial_weight: float = 3.0,
         bilateral_weight: float = 5.0,
         backend: str = "auto",
+        detections: bool = False,
+        superpixel_scales: int = 0,
+        superpixel_potential: SuperpixelPotential = "mean",
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -285,9 +372,26 @@ class CrfRnn(nn.Module):
         self.spatial_weights = nn.Parameter(float(spatial_weight) * eye)
         self.bilateral_weights = nn.Parameter(float(bilateral_weight) * eye)
         self.compatibility = nn.Parameter(-eye.clone())
+        self.higher_order = (
+            HigherOrderPotentials(
+                num_classes,
+                detections=detections,
+                superpixel_scales=superpixel_scales,
+                superpixel_potential=superpixel_potential,
+            )
+            if detections or superpixel_scales
+            else None
+        )
 
-    def forward(self, unary: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Run ``num_iterations`` mean-field steps; see :func:`crf_rnn`."""
+    def forward(
+        self,
+        unary: torch.Tensor,
+        image: torch.Tensor,
+        detections: Detections | None = None,
+        superpixels: Superpixels | None = None,
+    ) -> torch.Tensor:
+        """Run ``num_iterations`` mean-field steps; see :func:`crf_rnn`. ``detections`` and ``superpixels`` need a
+        layer built with ``detections=True`` and ``superpixel_scales=S``."""
         _check_inputs(unary, image, self.num_classes, self.compatibility.device)
         return _crf_rnn(
             unary,
@@ -300,6 +404,9 @@ class CrfRnn(nn.Module):
             self.theta_beta,
             self.theta_gamma,
             self.backend,
+            self.higher_order,
+            detections,
+            superpixels,
         )
 
     def extra_repr(self) -> str:

@@ -59,6 +59,7 @@ bench: bench-setup
 	$(PY) bench/crf_speed.py
 	$(PY) bench/densecrf_speed.py
 	$(PY) bench/loss_speed.py
+	$(PY) bench/higher_order_speed.py
 
 clean:
 	rm -rf $(VENV) $(VENV310) demo-output .pytest_cache .mypy_cache .ruff_cache

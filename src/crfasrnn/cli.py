@@ -322,8 +322,13 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
         "spatial_weight": args.spatial_weight,
         "bilateral_weight": args.bilateral_weight,
         "device": args.device,
+        "superpixels": args.superpixels,
+        "superpixel_weight": args.superpixel_weight,
+        "detection_weight": args.detection_weight,
     }
     try:
+        if args.detections is not None:
+            params["detections"] = _detections_for(args.detections, image_path, photo.shape[:2], args.num_classes)
         if args.labels is not None:
             annotation = read_annotation(source, labels_as=args.labels_as, unknown_label=args.unknown)
             num_classes = args.num_classes if args.num_classes is not None else annotation.num_classes
@@ -345,6 +350,27 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
         raise ValueError(f"{image_path}: {exc}") from None
 
 
+def _detections_for(where: Path, image_path: Path, size: tuple[int, int], num_classes: int | None):
+    """The detections of one photo: ``where`` is a JSON file, or a folder of ``<image stem>.json`` files (an image
+    without one has no detections)."""
+    from .higher_order import Detections, read_detections
+
+    path = where / f"{image_path.stem}.json" if where.is_dir() else where
+    if where.is_dir() and not path.exists():
+        return Detections.from_boxes([[]], [[]], [[]], size=size)
+    return read_detections(path, size, num_classes)
+
+
+def _segment_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected superpixel counts like 100,200,400, got {text!r}") from None
+    if any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"superpixel counts must be >= 1, got {text!r}")
+    return counts
+
+
 def _refine_volume(args: argparse.Namespace) -> int:
     """`crfasrnn refine` of a 3-D volume (.npy, .nii, .nii.gz): one volume, one label volume written."""
     from .volume import refine_volume_file
@@ -353,6 +379,8 @@ def _refine_volume(args: argparse.Namespace) -> int:
         raise ValueError("--overlay is for photos: volumes are written as label volumes only")
     if args.labels_as != "auto":
         raise ValueError("--labels-as is for PNG label maps: volume labels are integers")
+    if args.superpixels is not None or args.detections is not None:
+        raise ValueError("--superpixels and --detections are for photos: volumes take the pairwise kernels only")
     result = refine_volume_file(
         args.image,
         args.output,
@@ -398,6 +426,8 @@ def _refine(args: argparse.Namespace) -> int:
         return _refine_volume(args)
     if args.spacing is not None:
         raise ValueError("--spacing is for volumes (.npy, .nii, .nii.gz); photos are refined in pixels")
+    if args.detections is not None and not args.detections.exists():
+        raise ValueError(f"--detections {args.detections} does not exist (a JSON file, or a folder of them)")
     kind = "labels" if args.labels is not None else "probs"
     jobs = refine_jobs(args.image, args.labels if kind == "labels" else args.probs, args.output, kind=kind)
     from .files import check_output
@@ -540,6 +570,26 @@ def _add_refine_parser(sub) -> None:
         type=float,
         default=0.7,
         help="confidence in the given labels, as pydensecrf's unary_from_labels (default: 0.7)",
+    )
+    p.add_argument(
+        "--superpixels",
+        type=_segment_counts,
+        metavar="N[,N2,...]",
+        help="add the superpixel potential (Arnab et al., ECCV 2016) over SLIC superpixels, about N per image, one "
+        "scale per count (needs scikit-image: pip install 'crfasrnn[superpixels]')",
+    )
+    p.add_argument(
+        "--superpixel-weight", type=float, default=0.5, help="weight of each superpixel scale (default: 0.5)"
+    )
+    p.add_argument(
+        "--detections",
+        type=Path,
+        metavar="FILE.json",
+        help="add the detection potential: a JSON list of {label, score, box: [x0, y0, x1, y1] | mask: PNG}; for "
+        "several images, a folder of <image stem>.json files",
+    )
+    p.add_argument(
+        "--detection-weight", type=float, default=4.0, help="weight of the detection potential (default: 4)"
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_max_pixels(p)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .crf import crf_rnn
 from .errors import InputTypeError
+from .higher_order import Detections, HigherOrderPotentials, Superpixels, slic_superpixels
 
 __all__ = [
     "check_parameters",
@@ -290,6 +291,10 @@ def refine(
     return_probs: bool = False,
     device: str | torch.device | None = None,
     backend: str = "auto",
+    superpixels: Superpixels | int | tuple[int, ...] | list[int] | None = None,
+    superpixel_weight: float = 0.5,
+    detections: Detections | None = None,
+    detection_weight: float = 4.0,
 ):
     """Refine class probabilities or a rough label map with a fully connected CRF (mean field, Potts model).
 
@@ -319,6 +324,13 @@ def refine(
         return_probs: also return the refined marginals.
         device: where to compute (default: the image's device if it is a tensor, else CPU).
         backend: lattice back end (``"auto"``, ``"torch"``, ``"numba"``).
+        superpixels: add the superpixel potential of Arnab et al. (:mod:`crfasrnn.higher_order`, caffe-tvg's form:
+            the unary's mean over each segment): SLIC superpixel counts, one per scale (e.g. ``(100, 200, 400)``,
+            the ``superpixels`` extra), or :class:`~crfasrnn.higher_order.Superpixels` of the batch.
+        superpixel_weight: the weight of each superpixel scale.
+        detections: add the detection potential: :class:`~crfasrnn.higher_order.Detections` of the batch (e.g. from
+            :func:`~crfasrnn.higher_order.read_detections`).
+        detection_weight: its weight w_x for every class (w_y is 1).
 
     Returns:
         The refined labels, (H, W) or (B, H, W) int64 — a torch tensor if the image, probs or labels were tensors,
@@ -390,6 +402,13 @@ def refine(
     num_classes = unary.shape[1]
     colours = frames.to(device).permute(0, 3, 1, 2).float()
     eye = torch.eye(num_classes, device=device)
+    higher_order, segments = _higher_order(
+        frames, num_classes, superpixels, superpixel_weight, detections, detection_weight, num_iterations
+    )
+    if higher_order is not None:
+        higher_order.to(device)
+        segments = None if segments is None else segments.to(device)
+        detections = None if detections is None else detections.to(device)
     logger.debug("refining %d image(s) of %dx%d with %d classes", batch, width, height, num_classes)
     with torch.no_grad():
         scores = crf_rnn(
@@ -403,6 +422,9 @@ def refine(
             theta_beta=theta_beta,
             theta_gamma=theta_gamma,
             backend=backend,
+            higher_order=higher_order,
+            detections=detections,
+            superpixels=segments,
         )
     out_labels = scores.argmax(dim=1)
     out_probs = scores.softmax(dim=1) if return_probs else None
@@ -415,6 +437,37 @@ def refine(
         probs_array = None if out_probs is None else out_probs.cpu().numpy()
         return (labels_array, probs_array) if return_probs else labels_array
     return (out_labels, out_probs) if return_probs else out_labels
+
+
+def _higher_order(
+    frames, num_classes, superpixels, superpixel_weight, detections, detection_weight, num_iterations
+) -> tuple[HigherOrderPotentials | None, Superpixels | None]:
+    """The higher-order potentials' weights and the superpixels (SLIC made here from counts), or (None, None)."""
+    if superpixels is None and detections is None:
+        return None, None
+    for name, value in (("superpixel_weight", superpixel_weight), ("detection_weight", detection_weight)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if detections is not None and not isinstance(detections, Detections):
+        raise InputTypeError(f"detections must be crfasrnn.higher_order.Detections, got {type(detections).__name__}")
+    if superpixels is not None and not isinstance(superpixels, Superpixels):
+        counts = [superpixels] if isinstance(superpixels, numbers.Integral) else list(superpixels)
+        if not counts or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in counts):
+            raise ValueError(f"superpixels must be SLIC segment counts >= 1 (one per scale), got {superpixels!r}")
+        # the counts are checked, but SLIC runs only where the CRF does (not for a check with 0 iterations)
+        superpixels = slic_superpixels(frames.cpu(), [int(n) for n in counts]) if num_iterations else None
+        scales = len(counts)
+    else:
+        scales = 0 if superpixels is None else superpixels.num_scales
+    potentials = HigherOrderPotentials(
+        num_classes,
+        detections=detections is not None,
+        superpixel_scales=scales,
+        detection_x_weight=float(detection_weight),
+        detection_y_weight=1.0,
+        superpixel_weight=float(superpixel_weight),
+    )
+    return potentials, superpixels
 
 
 def infer_num_classes(labels: torch.Tensor, unknown_label: int | None) -> int:

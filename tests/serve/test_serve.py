@@ -169,6 +169,22 @@ def test_refine_sample_equals_the_library(client, refine_engine):
         _check_view_consistency(answer, _view(answer, key), lambda k: "unknown" if k == 255 else DEMO_CLASSES[k])
 
 
+def test_refine_with_superpixels_equals_the_library(client, refine_engine):
+    pytest.importorskip("skimage")
+    info = client.get("/api/info").json()["superpixels"]
+    assert info == {"available": True, "counts": [100, 200, 400]}
+    answer = client.post("/api/refine", data={"sample": "true", "num_iterations": "3", "superpixels": "true"}).json()
+    assert answer["parameters"]["superpixels"] == [100, 200, 400]
+    photo = _photo(answer)
+    coarse = _labels(_view(answer, "input"))
+    common = {"num_classes": len(DEMO_CLASSES), "unknown_label": 255, "num_iterations": 3}
+    expected = refine(photo, labels=coarse, superpixels=(100, 200, 400), **common)
+    np.testing.assert_array_equal(_labels(_view(answer, "refined")), expected)
+    assert (expected != refine(photo, labels=coarse, **common)).any()  # the toggle changes the result
+    off = client.post("/api/refine", data={"sample": "true", "superpixels": "false"}).json()
+    assert "superpixels" not in off["parameters"]
+
+
 def test_refine_uploaded_labels_snap_to_the_edge(client):
     photo, truth = two_region_photo(48, 64, split=32)
     coarse = coarse_of(truth, shift=5, band=3)
@@ -250,6 +266,7 @@ def test_raw_image_body(segment_client):
         ("gt_prob", "1.5", "gt_prob must lie in"),
         ("num_iterations", "2.5", "must be an integer"),
         ("theta_alpha", "nan", "theta_alpha must lie in"),
+        ("superpixels", "maybe", "superpixels must be true or false"),
     ],
 )
 def test_bad_parameters_are_422(client, field, value, message):

@@ -149,6 +149,12 @@ def test_browser_refine_mode_upload(browser, artifacts):
             page.evaluate("""() => { const s = document.getElementById('param-num_iterations');
                                       s.value = 2; s.dispatchEvent(new Event('change')); }""")
         assert response_info.value.ok and response_info.value.json()["parameters"]["num_iterations"] == 2
+        # the superpixel toggle (refine mode; scikit-image is installed here) sends superpixels=true
+        assert page.is_visible("#superpixels-row")
+        with page.expect_response("**/api/refine") as response_info:
+            page.check("#superpixels")
+        answer = response_info.value.json()
+        assert response_info.value.ok and answer["parameters"]["superpixels"] == [100, 200, 400], answer.get("error")
 
         # a broken upload shows the server's message, and the page keeps working
         bad = artifacts / "not-an-image.png"

@@ -136,6 +136,7 @@ def detection_update(
     masks: torch.Tensor,
     x_weights: torch.Tensor,
     y_weights: torch.Tensor,
+    sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One mean-field update of the detection potential (see the module docstring).
 
@@ -143,24 +144,26 @@ def detection_update(
         probs: (B, N, C) the iteration's pixel marginals p_t.
         y: (B, D, 2) the detections' marginals from the previous iteration.
         y_unary: (B, D, 2) Y's unary (its initial marginals).
-        labels: (B, D) int64; scores: (B, D); masks: (B, D, N) 0/1 in probs' dtype.
+        labels: (B, D) int64; scores: (B, D); masks: (B, N, D) 0/1 in probs' dtype (pixel-major, as the pixels'
+            term multiplies them).
         x_weights, y_weights: (C,) the class weights w_x, w_y.
+        sizes: (B, D) the masks' pixel counts |F_d| (the same in every iteration; computed where not given).
 
     Returns:
         The pixels' term x_t (B, N, C) and Y's new marginals (B, D, 2).
     """
     c = probs.shape[-1]
-    sizes = masks.sum(dim=-1)
-    # p_t[i, l_d] for every detection and pixel: (B, D, N)
-    at_label = torch.gather(probs.transpose(1, 2), 1, labels[..., None].expand(-1, -1, probs.shape[1]))
-    agree = (masks * at_label).sum(dim=-1)  # Σ_{i ∈ F_d} p_t[i, l_d]
+    if sizes is None:
+        sizes = masks.sum(dim=1)
+    # Σ_{i ∈ F_d} p_t[i, l] for every detection and label, one matrix product (B, D, C); then l = l_d
+    agree = torch.bmm(masks.transpose(1, 2), probs).gather(2, labels[..., None]).squeeze(-1)
     y_mult = y_weights[labels] * scores / (sizes + 1e-6)  # caffe-tvg's get_y_potentials_multiplier, times w_y
     y_logits = y_unary - y_mult[..., None] * torch.stack((agree, sizes - agree), dim=-1)
     x_mult = x_weights[labels] * scores  # w_x[l_d] s_d
     onehot = torch.nn.functional.one_hot(labels, c).to(probs.dtype)  # (B, D, C)
     # each detection's charge on its pixels' labels: y¹ on every label, y⁰ instead on l_d
     charge = (x_mult * y[..., 1])[..., None] + (x_mult * (y[..., 0] - y[..., 1]))[..., None] * onehot
-    x_term = -torch.bmm(masks.transpose(1, 2), charge)
+    x_term = -torch.bmm(masks, charge)
     return x_term, torch.softmax(y_logits, dim=-1)
 
 
@@ -171,9 +174,10 @@ def _segment_index(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     return (segments + offsets).permute(1, 0, 2).reshape(s, b * n)
 
 
-def _segment_sums(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """Σ over each segment of (B·N, C) values, for one scale's (B·N,) index: (rows, C)."""
-    return values.new_zeros((rows, values.shape[-1])).index_add(0, index, values)
+def _segment_sums(values_t: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ over each segment of (C, B·N) values (class-major: ``index_add`` along the long axis is several times faster
+    on the CPU than over rows of C values), for one scale's (B·N,) index: (C, rows)."""
+    return values_t.new_zeros((values_t.shape[0], rows)).index_add(1, index, values_t)
 
 
 def superpixel_mean_term(
@@ -183,14 +187,16 @@ def superpixel_mean_term(
     (S,) weights → (B, N, C)."""
     b, n, c = unary.shape
     index = _segment_index(segments, num_segments)
-    flat = unary.reshape(b * n, c)
+    flat_t = unary.reshape(b * n, c).t().contiguous()
     rows = b * num_segments
-    term = unary.new_zeros((b * n, c))
+    term = None
     for scale in range(segments.shape[1]):
-        sums = _segment_sums(flat, index[scale], rows)
         counts = torch.bincount(index[scale], minlength=rows).clamp(min=1).to(unary.dtype)
-        term = term + weights[scale] * (sums / counts[:, None])[index[scale]]
-    return term.view(b, n, c)
+        means = _segment_sums(flat_t, index[scale], rows) / counts
+        part = weights[scale] * means.index_select(1, index[scale])
+        term = part if term is None else term + part
+    assert term is not None
+    return term.t().reshape(b, n, c)
 
 
 def superpixel_potts_term(
@@ -200,12 +206,14 @@ def superpixel_potts_term(
     segments, (S, C) rewards γ → (B, N, C)."""
     b, n, c = log_probs.shape
     index = _segment_index(segments, num_segments)
-    flat = log_probs.reshape(b * n, c)
-    term = log_probs.new_zeros((b * n, c))
+    flat_t = log_probs.reshape(b * n, c).t().contiguous()
+    term = None
     for scale in range(segments.shape[1]):
-        log_product = _segment_sums(flat, index[scale], b * num_segments)[index[scale]]  # Σ_{j ∈ σ(i)} log p[j]
-        term = term + weights[scale] * torch.exp(log_product - flat)  # leave pixel i out
-    return term.view(b, n, c)
+        log_product = _segment_sums(flat_t, index[scale], b * num_segments).index_select(1, index[scale])
+        part = weights[scale][:, None] * torch.exp(log_product - flat_t)  # leave pixel i out
+        term = part if term is None else term + part
+    assert term is not None
+    return term.t().reshape(b, n, c)
 
 
 def _pairwise(probs, lattices, mixing, modes) -> torch.Tensor:
@@ -239,10 +247,10 @@ def mean_field_higher_order(
     dtype = u.dtype
     det = None
     if detections is not None and potentials.detections and detections.labels.shape[1] > 0:
-        masks = detections.masks.reshape(b, detections.masks.shape[1], n).to(dtype)
+        masks = detections.masks.reshape(b, detections.masks.shape[1], n).transpose(1, 2).to(dtype).contiguous()
         scores = detections.scores.to(dtype)
         y_unary = detection_y_init(scores, potentials.max_score, potentials.epsilon)
-        det = (detections.labels, scores, masks, y_unary)
+        det = (detections.labels, scores, masks, y_unary, masks.sum(dim=1))
     superpixel_term = None
     segments = None
     if superpixels is not None and potentials.superpixel_scales:
@@ -256,7 +264,7 @@ def mean_field_higher_order(
         probs = torch.softmax(q, dim=-1)
         q_next = u - _pairwise(probs, lattices, mixing, modes)
         if det is not None and y is not None:
-            labels, scores, masks, y_unary = det
+            labels, scores, masks, y_unary, sizes = det
             x_term, y_next = detection_update(
                 probs,
                 y,
@@ -266,6 +274,7 @@ def mean_field_higher_order(
                 masks,
                 potentials.detection_x_weights.to(dtype),
                 potentials.detection_y_weights.to(dtype),
+                sizes,
             )
             q_next = q_next + x_term
             y = y_next

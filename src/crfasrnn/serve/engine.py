@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import importlib.util
 import inspect
 import io
 import logging
@@ -152,12 +153,32 @@ def refine_parameters(limits: Limits | None = None) -> list[dict[str, Any]]:
 
 REFINE_PARAMETERS = tuple(spec.name for spec in _SPECS)
 
+#: The SLIC superpixel counts of the page's superpixel toggle (three scales, as in Arnab et al.).
+SUPERPIXEL_COUNTS = (100, 200, 400)
+
+
+def superpixels_available() -> bool:
+    """Whether scikit-image (the ``superpixels`` extra) is installed, so that refinement can use superpixels."""
+    return importlib.util.find_spec("skimage") is not None
+
+
+def _parse_superpixels(raw: str | None) -> tuple[int, ...] | None:
+    """The form field ``superpixels``: absent, ``false`` or ``0`` for none, ``true`` for :data:`SUPERPIXEL_COUNTS`."""
+    text = "" if raw is None else str(raw).strip().lower()
+    if text in ("", "false", "0", "off"):
+        return None
+    if text not in ("true", "1", "on"):
+        raise ClientError(422, f"superpixels must be true or false, got {str(raw)[:40]!r}")
+    if not superpixels_available():
+        raise ClientError(422, "superpixels need scikit-image on the server: pip install 'crfasrnn[superpixels]'")
+    return SUPERPIXEL_COUNTS
+
 
 @dataclass(frozen=True)
 class RefineParams:
     """Validated refinement parameters of one request."""
 
-    values: dict[str, float] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, fields: dict[str, str], limits: Limits) -> RefineParams:
@@ -167,7 +188,10 @@ class RefineParams:
             ClientError: a value that is not a number or lies outside the slider's range.
         """
         defaults = _refine_defaults()
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}
+        superpixels = _parse_superpixels(fields.get("superpixels"))
+        if superpixels is not None:  # absent: refine's default (none), and the parameters echoed stay as before
+            values["superpixels"] = superpixels
         for spec in _SPECS:
             raw = fields.get(spec.name)
             if raw is None or str(raw).strip() == "":
@@ -559,6 +583,7 @@ class Engine:
                 "work_side": limits.work_side,
             },
             "refine_parameters": refine_parameters(limits),
+            "superpixels": {"available": superpixels_available(), "counts": list(SUPERPIXEL_COUNTS)},
         }
 
     def sample_photo(self) -> np.ndarray:

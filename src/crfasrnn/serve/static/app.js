@@ -69,6 +69,7 @@ async function loadInfo() {
       `mode: ${info.mode} · device: ${info.device}${weights} · uploads up to ${human(info.limits.max_upload_bytes)}, ` +
       `${info.limits.max_side}×${info.limits.max_side} px`;
     buildSliders(info.refine_parameters);
+    $("superpixels-row").hidden = !(info.superpixels && info.superpixels.available);
     $("mode-choice").hidden = info.modes.length < 2;
     document.body.dataset.ready = "1";
     setMode(info.mode);
@@ -97,6 +98,7 @@ async function run() {
     }
     if (state.labels) { form.append("labels", state.labels); bytes += state.labels.size; }
     for (const input of $("sliders").querySelectorAll("input")) form.append(input.name, input.value);
+    if (!$("superpixels-row").hidden) form.append("superpixels", $("superpixels").checked ? "true" : "false");
   }
   if (bytes > info.limits.max_upload_bytes) {
     showError(`upload too large: ${human(bytes)}; the limit is ${human(info.limits.max_upload_bytes)}`);
@@ -221,8 +223,10 @@ function init() {
       input.value = input.dataset.default;
       input.dispatchEvent(new Event("input"));
     }
+    $("superpixels").checked = false;
     scheduleRun();
   });
+  $("superpixels").addEventListener("change", scheduleRun);
   for (const radio of document.querySelectorAll("input[name=mode]")) {
     radio.addEventListener("change", () => setMode(radio.value));
   }

@@ -243,6 +243,20 @@ def test_zero_weights_give_the_plain_layer():
     torch.testing.assert_close(crf(unary, image), plain(unary, image), rtol=0, atol=0)
 
 
+def test_the_network_passes_the_potentials_to_its_crf():
+    from crfasrnn import CrfRnnNet
+
+    torch.manual_seed(0)
+    crf = CrfRnn(C, 2, detections=True, superpixel_scales=2)
+    net = CrfRnnNet(C, crf=crf, width=1 / 16).eval()
+    x = torch.randn(2, 3, H, W) * 50
+    dets, sp = _detections(), _superpixels()
+    with torch.no_grad():
+        out = net(x, dets, sp)
+        torch.testing.assert_close(out, crf(net.unary(x), x, dets, sp))
+        assert (out - net(x)).abs().max() > 1e-3  # and they take part
+
+
 def test_a_plain_layer_has_the_plain_state_dict():
     assert list(CrfRnn(C).state_dict()) == ["spatial_weights", "bilateral_weights", "compatibility"]
     keys = set(CrfRnn(C, detections=True, superpixel_scales=3).state_dict())

@@ -588,9 +588,7 @@ def _add_refine_parser(sub) -> None:
         help="add the detection potential: a JSON list of {label, score, box: [x0, y0, x1, y1] | mask: PNG}; for "
         "several images, a folder of <image stem>.json files",
     )
-    p.add_argument(
-        "--detection-weight", type=float, default=4.0, help="weight of the detection potential (default: 4)"
-    )
+    p.add_argument("--detection-weight", type=float, default=4.0, help="weight of the detection potential (default: 4)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     _add_max_pixels(p)
     p.set_defaults(func=_refine)

@@ -32,6 +32,7 @@ from torch import nn
 from ._checks import check_iterations, check_same_device, check_tensor, require
 from .crf import CrfRnn
 from .errors import InputTypeError
+from .higher_order import Detections, Superpixels
 
 __all__ = ["FCN8s", "CrfRnnNet", "bilinear_kernel", "CROP_OFFSETS"]
 
@@ -309,12 +310,18 @@ class CrfRnnNet(nn.Module):
         """The backbone's logits: :meth:`unary` (the name of the versions whose CrfRnnNet was an FCN8s)."""
         return self.unary(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CRF-RNN logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W)."""
+    def forward(
+        self, x: torch.Tensor, detections: Detections | None = None, superpixels: Superpixels | None = None
+    ) -> torch.Tensor:
+        """CRF-RNN logits (B, C, H, W) of a preprocessed batch ``x`` (B, 3, H, W); ``detections`` and
+        ``superpixels`` (at the size of ``x``) go to a CRF built with higher-order potentials
+        (:mod:`crfasrnn.higher_order`), for joint training with them."""
         unary = self.unary(x)
         if self.crf.num_iterations == 0:
             return unary
-        return self.crf(unary, x.to(unary.dtype))
+        if detections is None and superpixels is None:
+            return self.crf(unary, x.to(unary.dtype))
+        return self.crf(unary, x.to(unary.dtype), detections, superpixels)
 
     def extra_repr(self) -> str:
         width = self.width

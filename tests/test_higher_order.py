@@ -319,17 +319,25 @@ for fn in (compiled, crf):
     out = fn(unary, image, dets, sp)
     grads = torch.autograd.grad(out.square().sum(), [unary, *crf.parameters()])
     results.append([out.detach(), *grads])
-print(json.dumps(max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))))
+compile_err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*results))
+with torch.no_grad():
+    exported = torch.export.export(crf, (unary.detach(), image, dets, sp))
+    targets = sorted({str(n.target) for n in exported.graph.nodes if "crfasrnn" in str(n.target)})
+    export_err = float((exported.module()(unary, image, dets, sp) - crf(unary, image, dets, sp)).abs().max())
+print(json.dumps({"compile": compile_err, "export": export_err, "targets": targets}))
 """
 
 
-def test_compiled_equals_eager(tmp_path):
-    """torch.compile of the layer with both potentials, forward and backward (in a fresh process)."""
+def test_compiled_and_exported_equal_eager(tmp_path):
+    """torch.compile of the layer with both potentials, forward and backward, and torch.export (Detections and
+    Superpixels are pytree nodes), in a fresh process."""
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) < 1e-4
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["compile"] < 1e-4 and report["export"] < 1e-5, report
+    assert report["targets"] == ["crfasrnn.lattice_build.default", "crfasrnn.lattice_filter.default"]
 
 
 def test_potts_term_of_a_consistent_segment_and_of_a_single_pixel():

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from ..errors import InputTypeError, MissingDependencyError
 
@@ -81,7 +82,7 @@ class Detections:
                 f"detections' labels {tuple(self.labels.shape)}, scores {tuple(self.scores.shape)} and masks "
                 f"{tuple(self.masks.shape)} must agree on (B, D)"
             )
-        if self.scores.numel() and self.scores.device.type != "meta":
+        if self.scores.numel() and _has_data(self.scores, self.labels):
             if not bool(torch.isfinite(self.scores).all()) or bool((self.scores < 0).any()):
                 raise ValueError("detections' scores must be finite and >= 0 (0 marks padding)")
             if bool((self.labels < 0).any()):
@@ -180,6 +181,13 @@ class Detections:
         return cls(out_labels, out_scores, out_masks)
 
 
+def _has_data(*tensors: torch.Tensor) -> bool:
+    """Whether value checks can run: plain tensors with data, not the fake or functional tensors of a trace."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta" for t in tensors) and not (
+        torch.compiler.is_compiling()
+    )
+
+
 @dataclass(frozen=True)
 class Superpixels:
     """One or more superpixel segmentations (scales) of each image of a batch.
@@ -241,6 +249,27 @@ class Superpixels:
             out[row] = inverse
             count = max(count, int(values.numel()))
         return cls(out.view(b, s, h, w), count)
+
+
+# Both are pytree nodes (their tensors the children, the segment count a constant), so that torch.export and
+# torch.compile take them as inputs like tensors.
+pytree.register_pytree_node(
+    Detections,
+    lambda d: ((d.labels, d.scores, d.masks), None),
+    lambda children, _: Detections(*children),
+    serialized_type_name="crfasrnn.higher_order.Detections",
+    flatten_with_keys_fn=lambda d: (
+        [(pytree.GetAttrKey(name), getattr(d, name)) for name in ("labels", "scores", "masks")],
+        None,
+    ),
+)
+pytree.register_pytree_node(
+    Superpixels,
+    lambda s: ((s.segments,), s.num_segments),
+    lambda children, count: Superpixels(children[0], count),
+    serialized_type_name="crfasrnn.higher_order.Superpixels",
+    flatten_with_keys_fn=lambda s: ([(pytree.GetAttrKey("segments"), s.segments)], s.num_segments),
+)
 
 
 def slic_superpixels(

@@ -255,7 +255,7 @@ class Superpixels:
 # torch.compile take them as inputs like tensors.
 pytree.register_pytree_node(
     Detections,
-    lambda d: ((d.labels, d.scores, d.masks), None),
+    lambda d: ([d.labels, d.scores, d.masks], None),
     lambda children, _: Detections(*children),
     serialized_type_name="crfasrnn.higher_order.Detections",
     flatten_with_keys_fn=lambda d: (
@@ -265,8 +265,8 @@ pytree.register_pytree_node(
 )
 pytree.register_pytree_node(
     Superpixels,
-    lambda s: ((s.segments,), s.num_segments),
-    lambda children, count: Superpixels(children[0], count),
+    lambda s: ([s.segments], s.num_segments),
+    lambda children, count: Superpixels(*children, count),
     serialized_type_name="crfasrnn.higher_order.Superpixels",
     flatten_with_keys_fn=lambda s: ([(pytree.GetAttrKey("segments"), s.segments)], s.num_segments),
 )

@@ -266,7 +266,7 @@ pytree.register_pytree_node(
 pytree.register_pytree_node(
     Superpixels,
     lambda s: ([s.segments], s.num_segments),
-    lambda children, count: Superpixels(*children, count),
+    lambda children, count: Superpixels(next(iter(children)), count),
     serialized_type_name="crfasrnn.higher_order.Superpixels",
     flatten_with_keys_fn=lambda s: ([(pytree.GetAttrKey("segments"), s.segments)], s.num_segments),
 )

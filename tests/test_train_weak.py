@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from crfasrnn.cli import main
-from crfasrnn.data import make_synthetic_voc
-from crfasrnn.train import TrainConfig
+from crfasrnn.data import TrainTransform, make_synthetic_voc
+from crfasrnn.data.datasets import IGNORE_INDEX
+from crfasrnn.train import PADDING_LABEL, TrainConfig
 
 RECIPE = {
     "stage": "fcn",
@@ -60,12 +61,72 @@ def test_partial_cross_entropy_plus_the_crf_loss_is_one_flag(scribble_voc, tmp_p
         assert all(r["crf_loss"] < 0 for r in steps)
 
 
+def test_padded_pixels_are_outside_the_crf_loss_roi_and_the_samples_do_not_change():
+    # a crop larger than the scaled image is padded (mean colour, label 255): rloss's ROI ("croppings") excludes it,
+    # so with the loss on the padding takes its own label; the sample is otherwise the same
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    label = np.where(np.arange(64) < 32, 1, IGNORE_INDEX)[None].repeat(48, 0)  # unlabelled pixels inside the image
+    plain = TrainTransform(48, scale_range=(0.5, 0.7))
+    marking = TrainTransform(48, scale_range=(0.5, 0.7), pad_label=PADDING_LABEL)
+    plain_image, plain_label = plain(image, label, np.random.default_rng(3))
+    marked_image, marked_label = marking(image, label, np.random.default_rng(3))
+    _, inside = plain(image, np.zeros_like(label), np.random.default_rng(3))
+    padded = inside == IGNORE_INDEX
+    assert 0 < padded.mean() < 1
+    np.testing.assert_array_equal(marked_image, plain_image)
+    np.testing.assert_array_equal(marked_label[~padded], plain_label[~padded])
+    assert (marked_label[padded] == PADDING_LABEL).all() and (marked_label[~padded] != PADDING_LABEL).all()
+    assert (plain_label[~padded] == IGNORE_INDEX).any()  # unlabelled image pixels stay 255: inside the ROI
+
+
+def test_a_training_step_takes_the_padding_out_of_the_roi(monkeypatch, scribble_voc, tmp_path):
+    """The step gives dense_crf_loss an ROI of 0 exactly on the padded pixels and the cross-entropy 255 there."""
+    import crfasrnn.train as train_module
+
+    seen = []
+    real = train_module.dense_crf_loss
+
+    def spy(images, probs, rois, **kwargs):
+        seen.append(rois.detach().clone())
+        return real(images, probs, rois, **kwargs)
+
+    monkeypatch.setattr(train_module, "dense_crf_loss", spy)
+    config = TrainConfig(
+        data=str(scribble_voc),
+        out=str(tmp_path / "run"),
+        crf_loss_weight=1e-5,
+        scale_min=0.5,
+        scale_max=0.7,
+        **{**RECIPE, "epochs": 1},
+    )
+    train_module.train(config)
+    assert seen and all(set(r.unique().tolist()) <= {0.0, 1.0} for r in seen)
+    assert any(float(r.mean()) < 1 for r in seen)  # scale < 1: every crop of 48 from a smaller image is padded
+    assert all(float(r.mean()) > 0.2 for r in seen)
+
+
+def test_the_crf_loss_starts_at_its_epoch(scribble_voc, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(scribble_voc), "--out", str(out), "--crf-loss-weight", "1e-3"]
+    args += ["--crf-loss-start-epoch", "1", "--crf-loss-normalized", "--scale-min", "0.5", "--scale-max", "0.8"]
+    for key, value in RECIPE.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["crf_loss_normalized"] is True
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert [r["epoch"] for r in steps] == [0, 0, 1, 1]
+    assert all("crf_loss" not in r for r in steps[:2])  # partial cross-entropy alone in the first epoch
+    assert all(r["crf_loss"] < 0 and np.isfinite(r["loss"]) for r in steps[2:])
+
+
 @pytest.mark.parametrize(
     ("option", "value", "match"),
     [
         ("crf_loss_weight", -1.0, "crf_loss_weight must be a finite number >= 0"),
         ("crf_loss_sigma_xy", 0.0, "crf_loss_sigma_xy must be a finite number > 0"),
         ("crf_loss_scale", 1.5, r"crf_loss_scale must lie in \(0, 1\]"),
+        ("crf_loss_start_epoch", -1, "crf_loss_start_epoch must be >= 0"),
     ],
 )
 def test_bad_crf_loss_options(option, value, match):

@@ -191,6 +191,16 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--crf-loss-sigma-rgb", type=float, help="colour bandwidth of the dense-CRF loss (default 15)")
     p.add_argument("--crf-loss-sigma-xy", type=float, help="spatial bandwidth of the dense-CRF loss (default 100)")
     p.add_argument("--crf-loss-scale", type=float, help="scale the dense-CRF loss is computed at (default 0.5)")
+    p.add_argument(
+        "--crf-loss-start-epoch",
+        type=int,
+        help="add the dense-CRF loss from this epoch on, after partial cross-entropy alone (default 0: from the start)",
+    )
+    p.add_argument(
+        "--crf-loss-normalized",
+        action="store_true",
+        help="the dense-CRF loss with the normalised affinity D^-1/2 W D^-1/2 (default: W)",
+    )
     p.add_argument("--num-iterations-train", type=int, help="mean-field iterations in training (default 5)")
     p.add_argument("--num-iterations-test", type=int, help="mean-field iterations in validation (default 10)")
     p.add_argument("--init", help="initial weights: VGG-16 (torchvision layout), a checkpoint, or a weights file")

@@ -104,6 +104,8 @@ class TrainConfig:
     crf_loss_sigma_rgb: float = 15.0
     crf_loss_sigma_xy: float = 100.0
     crf_loss_scale: float = 0.5
+    crf_loss_normalized: bool = False  # the normalised affinity D^-1/2 W D^-1/2 instead of W
+    crf_loss_start_epoch: int = 0  # the loss is added from this epoch on (rloss fine-tunes a partial-CE network)
     init: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -141,6 +143,8 @@ class TrainConfig:
         for name in ("crf_loss_sigma_rgb", "crf_loss_sigma_xy"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.crf_loss_start_epoch < 0:
+            raise ValueError(f"crf_loss_start_epoch must be >= 0, got {self.crf_loss_start_epoch}")
         if not 0 < self.crf_loss_scale <= 1:
             raise ValueError(f"crf_loss_scale must lie in (0, 1], got {self.crf_loss_scale}")
         if self.lr is None:
@@ -246,15 +250,24 @@ def _train_mode(model: FCN8s | CrfRnnNet, stage: str) -> None:
         (model.backbone if isinstance(model, CrfRnnNet) else model).eval()
 
 
+PADDING_LABEL = -1
+"""Label of the padded pixels of a training crop when the dense-CRF loss is on (its region of interest excludes them,
+as rloss's ``croppings`` do); the step turns them into 255 for the cross-entropy."""
+
+
 def _load_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    transform = TrainTransform(
+        config.crop_size,
+        scale_range=(config.scale_min, config.scale_max),
+        hflip=config.hflip,
+        pad_label=PADDING_LABEL if config.crf_loss_weight > 0 else IGNORE_INDEX,
+    )
     train_set = open_dataset(
         config.data,
         config.train_split,
         num_classes=config.num_classes,
         class_names=config.class_names,
-        transform=TrainTransform(
-            config.crop_size, scale_range=(config.scale_min, config.scale_max), hflip=config.hflip
-        ),
+        transform=transform,
         seed=config.seed,
     )
     val_set = None
@@ -616,17 +629,25 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
     config, device = run.config, run.device
     x = preprocess_batch(images.to(device, non_blocking=True))
     labels = labels.to(device, non_blocking=True)
+    roi = None
+    if config.crf_loss_weight > 0:  # the padded pixels (PADDING_LABEL): outside the loss's ROI, ignored by the CE
+        inside = labels != PADDING_LABEL
+        labels = labels.masked_fill(~inside, IGNORE_INDEX)
+        roi = inside.float()
     logits = run.ddp_model(x)
     loss_sum, count = _loss_sum(logits, labels)
     crf = None
-    if config.crf_loss_weight > 0:  # a mean over this process's images: DDP's average makes it the global mean
+    if roi is not None and run.step >= config.crf_loss_start_epoch * run.steps_per_epoch:
+        # a mean over this process's images: DDP's average makes it the global mean
         crf = dense_crf_loss(
             images.to(device, torch.float32),
             torch.softmax(logits, dim=1),
+            roi,
             sigma_rgb=config.crf_loss_sigma_rgb,
             sigma_xy=config.crf_loss_sigma_xy,
             scale_factor=config.crf_loss_scale,
             weight=config.crf_loss_weight,
+            normalized=config.crf_loss_normalized,
         )
     # one reduction for the step: the cross-entropy's sum and count, and the dense-CRF loss where there is one
     parts = [loss_sum.detach().double(), count.double()] + ([] if crf is None else [crf.detach().double()])

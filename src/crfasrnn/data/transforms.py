@@ -58,6 +58,8 @@ class TrainTransform:
         scale_range: the scale factor is drawn uniformly from this range (``(1, 1)`` turns scaling off).
         hflip: flip horizontally with probability 1/2.
         fill: RGB colour of padded image pixels.
+        pad_label: label of padded pixels (255, "unlabelled", by default; another value tells them apart from the
+            image's unlabelled pixels, as the dense-CRF loss's region of interest needs).
 
     Example:
         >>> t = TrainTransform(8, scale_range=(1.0, 1.0), hflip=False)
@@ -74,8 +76,10 @@ class TrainTransform:
         scale_range: Sequence[float] = (0.5, 1.5),
         hflip: bool = True,
         fill: Sequence[int] = MEAN_FILL_RGB,
+        pad_label: int = IGNORE_INDEX,
     ) -> None:
         self.crop_size = _pair(crop_size, "crop_size")
+        self.pad_label = int(pad_label)
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < min <= max, got {tuple(scale_range)}")
@@ -99,7 +103,7 @@ class TrainTransform:
             padded = np.empty((h + ph, w + pw, 3), np.uint8)
             padded[:] = np.asarray(self.fill, np.uint8)
             padded[:h, :w] = image
-            padded_label = np.full((h + ph, w + pw), IGNORE_INDEX, np.int64)
+            padded_label = np.full((h + ph, w + pw), self.pad_label, np.int64)
             padded_label[:h, :w] = label
             image, label = padded, padded_label
             h, w = label.shape

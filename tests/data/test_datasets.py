@@ -54,6 +54,23 @@ def test_synthetic_boundary_band(tmp_path):
         assert (a[both] == b[both]).all()
 
 
+def test_scribbles_label_every_region_with_a_stroke_never_whole():
+    """Each connected region (two objects of one class, the background, a thin object) gets its own stroke inside
+    it, a few percent of a wide region's pixels."""
+    from crfasrnn.data.synthetic import scribble_labels
+
+    label = np.zeros((30, 40), np.int64)
+    label[3:13, 3:15] = 1  # two objects of class 1
+    label[16:28, 22:37] = 1
+    label[20:22, 2:12] = 2  # a thin one: 2 pixels high, nothing survives the margin
+    s = scribble_labels(label, np.random.default_rng(0))
+    for region in ((slice(3, 13), slice(3, 15)), (slice(16, 28), slice(22, 37))):
+        assert (s[region] == 1).sum() >= 5 and (s[region] == 1).mean() < 0.4
+    assert (s == 2).sum() >= 1
+    assert ((s != 255) <= (s == label)).all()  # every scribbled pixel carries its true label
+    assert (s == 0).sum() >= 5 and (s != 255).mean() < 0.15
+
+
 def test_voc_dataset_samples(voc):
     ds = open_dataset(voc, "train")
     assert isinstance(ds, VOCSegmentation) and len(ds) == 6 and ds.num_classes == 4

@@ -57,9 +57,41 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return (grey + stripes[..., None] + tint + noise).clip(0, 255)
 
 
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected components of a boolean mask, as masks (a flood fill; the images here are small)."""
+    seen = np.zeros_like(mask)
+    height, width = mask.shape
+    parts = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        part = np.zeros_like(mask)
+        stack = [(int(y0), int(x0))]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            part[y, x] = True
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        parts.append(part)
+    return parts
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    inner = mask.copy()
+    for _ in range(steps):  # one pixel per pass (4-neighbourhood)
+        padded = np.pad(inner, 1, constant_values=False)
+        inner &= padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return inner
+
+
 def scribble_labels(label: np.ndarray, rng: np.random.Generator, *, margin: int = 2) -> np.ndarray:
-    """Scribbles of a full label map: per class present, a 3-pixel-wide straight stroke through the middle of its
-    region (kept ``margin`` pixels inside it, where it is wide enough), at a random angle; every other pixel 255.
+    """Scribbles of a full label map: per connected region of each class (each object, each piece of background), a
+    3-pixel-wide straight stroke at a random angle through the region's innermost pixel, kept ``margin`` pixels inside
+    the region where it is wide enough (a thinner region gets its stroke within itself); every other pixel 255. So
+    every object is scribbled, and a wide region never wholly.
 
     Example:
         >>> label = np.zeros((20, 30), np.int64)
@@ -74,18 +106,25 @@ def scribble_labels(label: np.ndarray, rng: np.random.Generator, *, margin: int 
     for cls in np.unique(label):
         if cls == IGNORE_INDEX:
             continue
-        region = label == cls
-        inner = region.copy()
-        for _ in range(margin):  # erode by one pixel per pass (4-neighbourhood)
-            padded = np.pad(inner, 1, constant_values=False)
-            inner &= padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        if not inner.any():
-            inner = region
-        cy, cx = (float(v.mean()) for v in np.nonzero(inner))
-        angle = rng.uniform(0, np.pi)
-        distance = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
-        stroke = inner & (distance <= 1.0)
-        out[stroke if stroke.any() else inner] = cls
+        for region in _components(label == cls):
+            inner = _erode(region, margin)
+            if not inner.any():
+                inner = region
+            # the innermost pixel: the one that survives the most erosions (first of them, in raster order)
+            core, depth = inner, 0
+            while depth < max(height, width):
+                deeper = _erode(core, 1)
+                if not deeper.any():
+                    break
+                core, depth = deeper, depth + 1
+            cy, cx = (int(v[0]) for v in np.nonzero(core))
+            angle = rng.uniform(0, np.pi)
+            distance = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+            stroke = inner & (distance <= 1.0)
+            if not stroke.any():
+                stroke = np.zeros_like(region)
+                stroke[cy, cx] = True
+            out[stroke] = cls
     return out
 
 

@@ -92,8 +92,7 @@ def main() -> int:
         superpixel_mean_term,
         superpixel_potts_term,
     )
-    from crfasrnn.higher_order._potentials import _pairwise
-    from crfasrnn.lattice import NORMALIZE_AFTER, resolve_backend
+    from crfasrnn.lattice import NORMALIZE_AFTER, mode_scales, resolve_backend
 
     device = args.device
     photo, unary, detections, superpixels, slic_seconds = setting(device)
@@ -119,9 +118,14 @@ def main() -> int:
         ho = layer.higher_order
         gamma = torch.ones(3, NUM_CLASSES, device=device)
 
-    def pairwise():
+    pre, post = mode_scales(NORMALIZE_AFTER)
+
+    def pairwise():  # what an iteration of the layer filters: Σ_k (n_k ⊙ K_k p) A_k
         with torch.no_grad():
-            _pairwise(probs, [spatial, bilateral], mixing, [NORMALIZE_AFTER] * 2)
+            sum(
+                torch.ops.crfasrnn.lattice_filter(probs, list(lattice), False, pre, post) @ a
+                for lattice, a in zip((spatial, bilateral), mixing)
+            )
 
     def detection():
         with torch.no_grad():

@@ -29,8 +29,13 @@ from .engine import (
     position_lattice_tensors,
 )
 from .errors import InputTypeError
-from .higher_order import Detections, HigherOrderPotentials, Superpixels, mean_field_higher_order
-from .higher_order._potentials import SuperpixelPotential
+from .higher_order import (
+    Detections,
+    HigherOrderPotentials,
+    SuperpixelPotential,
+    Superpixels,
+    mean_field_higher_order,
+)
 from .lattice import NORMALIZE_AFTER, resolve_backend
 
 __all__ = ["CrfRnn", "bilateral_features", "crf_rnn", "set_finite_check", "spatial_features"]

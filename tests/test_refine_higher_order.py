@@ -89,9 +89,9 @@ def test_cli_detections_folder_per_image(photos, tmp_path):
         Image.fromarray(image).save(folder / f"{path.stem}.png")
         missed = _half_missed(label)[0]
         Image.fromarray(missed.astype(np.uint8)).save(coarse / f"{path.stem}.png")
-    (dets / f"{photos[0][0].stem}.json").write_text(
-        json.dumps([{"label": _half_missed(photos[0][2])[1], "score": 0.9, "box": _half_missed(photos[0][2])[3]}])
-    )  # the second image has no file: no detections
+    _, cls, _, box = _half_missed(photos[0][2])
+    (dets / f"{photos[0][0].stem}.json").write_text(json.dumps([{"label": cls, "score": 0.9, "box": box}]))
+    # the second image has no file: no detections
     out = tmp_path / "out"
     args = ["refine", str(folder), "--labels", str(coarse), "-o", str(out), "--num-classes", "4"]
     assert main([*args, "--detections", str(dets)]) == 0
@@ -127,3 +127,13 @@ def test_cli_bad_superpixel_counts_are_refused(photos, tmp_path, capsys, value):
         main(["refine", str(path), "--labels", str(path), "--superpixels", value])
     assert exit_info.value.code == 2
     assert "superpixel counts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--superpixel-weight", "--detection-weight"])
+def test_cli_non_finite_potential_weights_are_refused_before_reading_inputs(tmp_path, capsys, flag):
+    out = tmp_path / "out.png"
+    args = ["refine", str(tmp_path / "missing.png"), "--labels", str(tmp_path / "missing_too.png"), "-o", str(out)]
+    assert main([*args, flag, "nan"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag[2:].replace('-', '_')} must be a finite number" in err[0], err
+    assert not out.exists()

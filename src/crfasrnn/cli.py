@@ -429,6 +429,8 @@ def _refine(args: argparse.Namespace) -> int:
         bilateral_weight=args.bilateral_weight,
         gt_prob=args.gt_prob,
         num_classes=args.num_classes,
+        superpixel_weight=args.superpixel_weight,
+        detection_weight=args.detection_weight,
     )
     from .volume import volume_format
 

@@ -214,6 +214,8 @@ def check_parameters(
     bilateral_weight: float = 10.0,
     gt_prob: float = 0.7,
     num_classes: int | None = None,
+    superpixel_weight: float = 0.5,
+    detection_weight: float = 4.0,
 ) -> None:
     """Check :func:`refine`'s parameters without data (for callers that want to fail before reading any input).
 
@@ -225,7 +227,13 @@ def check_parameters(
     for name, value in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    for name, value in (("spatial_weight", spatial_weight), ("bilateral_weight", bilateral_weight)):
+    weights = (
+        ("spatial_weight", spatial_weight),
+        ("bilateral_weight", bilateral_weight),
+        ("superpixel_weight", superpixel_weight),
+        ("detection_weight", detection_weight),
+    )
+    for name, value in weights:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     _check_gt_prob(gt_prob)
@@ -366,6 +374,8 @@ def refine(
         bilateral_weight=bilateral_weight,
         gt_prob=gt_prob,
         num_classes=num_classes,
+        superpixel_weight=superpixel_weight,
+        detection_weight=detection_weight,
     )
     as_torch = any(isinstance(x, torch.Tensor) for x in (image, probs, labels))
     frames = _image_batch(image)
@@ -445,9 +455,6 @@ def _higher_order(
     """The higher-order potentials' weights and the superpixels (SLIC made here from counts), or (None, None)."""
     if superpixels is None and detections is None:
         return None, None
-    for name, value in (("superpixel_weight", superpixel_weight), ("detection_weight", detection_weight)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if detections is not None and not isinstance(detections, Detections):
         raise InputTypeError(f"detections must be crfasrnn.higher_order.Detections, got {type(detections).__name__}")
     if superpixels is not None and not isinstance(superpixels, Superpixels):

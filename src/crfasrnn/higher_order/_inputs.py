@@ -41,6 +41,20 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> torch
     return tensor if dtype is None else tensor.to(dtype)
 
 
+def _box_mask(box: Sequence[float], size: tuple[int, int], what: str) -> torch.Tensor:
+    """The (H, W) bool mask of a box ``(x0, y0, x1, y1)`` in pixels: columns ``floor(x0) <= x < ceil(x1)``, rows
+    ``floor(y0) <= y < ceil(y1)``, clipped to the image."""
+    height, width = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        raise ValueError(
+            f"{what} must be finite (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got ({x0}, {y0}, {x1}, {y1})"
+        )
+    mask = torch.zeros((height, width), dtype=torch.bool)
+    mask[max(0, math.floor(y0)) : min(height, math.ceil(y1)), max(0, math.floor(x0)) : min(width, math.ceil(x1))] = True
+    return mask
+
+
 @dataclass(frozen=True)
 class Detections:
     """Object detections of a batch of images, padded to D per image.
@@ -141,15 +155,8 @@ class Detections:
         for b, image_boxes in enumerate(boxes):
             table = _as_tensor(f"boxes[{b}]", image_boxes, torch.float64).reshape(-1, 4) if len(image_boxes) else None
             stack = torch.zeros((0 if table is None else table.shape[0], height, width), dtype=torch.bool)
-            for d, (x0, y0, x1, y1) in enumerate([] if table is None else table.tolist()):
-                if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
-                    raise ValueError(
-                        f"box {d} of image {b} must be finite (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got "
-                        f"({x0}, {y0}, {x1}, {y1})"
-                    )
-                c0, c1 = max(0, math.floor(x0)), min(width, math.ceil(x1))
-                r0, r1 = max(0, math.floor(y0)), min(height, math.ceil(y1))
-                stack[d, r0:r1, c0:c1] = True
+            for d, box in enumerate([] if table is None else table.tolist()):
+                stack[d] = _box_mask(box, size, f"box {d} of image {b}")
             stacks.append(stack)
         return cls._pad(stacks, labels, scores, size)
 
@@ -272,16 +279,13 @@ pytree.register_pytree_node(
 )
 
 
-def slic_superpixels(
-    images: Any, num_segments: Sequence[int] | int, *, compactness: float = 10.0, seed: int = 0
-) -> Superpixels:
+def slic_superpixels(images: Any, num_segments: Sequence[int] | int, *, compactness: float = 10.0) -> Superpixels:
     """SLIC superpixels (scikit-image, the ``superpixels`` extra) at one or more scales.
 
     Args:
         images: (H, W, 3) or (B, H, W, 3) uint8 RGB images (arrays or tensors).
         num_segments: the approximate number of superpixels of each scale, e.g. ``(100, 200, 400)``.
-        compactness: SLIC's balance of colour and space (higher: more compact segments).
-        seed: unused by SLIC itself (deterministic); kept so that callers can record it.
+        compactness: SLIC's balance of colour and space (higher: more compact segments); SLIC is deterministic.
 
     Returns:
         :class:`Superpixels` of shape (B, S, H, W).
@@ -289,7 +293,6 @@ def slic_superpixels(
     Raises:
         MissingDependencyError: scikit-image is not installed.
     """
-    del seed
     try:
         from skimage.segmentation import slic
     except ImportError as error:  # pragma: no cover - exercised only where scikit-image is absent
@@ -363,7 +366,7 @@ def read_detections(path: str | os.PathLike, size: tuple[int, int], num_classes:
             x0, y0, x1, y1 = (float(v) for v in box)
             if x1 <= x0 or y1 <= y0 or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
                 raise ValueError(f"{where}: box {box} is empty or outside the {width}x{height} image")
-            mask = Detections.from_boxes([[box]], [[label]], [[score]], size=size).masks[0, 0]
+            mask = _box_mask(box, size, where)
         else:
             mask_path = path.parent / str(item["mask"])
             try:

@@ -1,8 +1,8 @@
 """Cost of the higher-order potentials per mean-field iteration, as a fraction of the pairwise term (a benchmark).
 
-The setting of Arnab et al. (ECCV 2016) on PASCAL VOC: one 500x375 photo (the bundled one, resized), 21 classes,
-20 detections (random boxes of 10-60 % of each side, random labels and scores) and 3 SLIC superpixel scales (100,
-200 and 400 segments). Per iteration, the CRF-RNN layer filters the marginals through its two lattices (the pairwise
+The setting of Arnab et al. (ECCV 2016) on PASCAL VOC: one 500x375 photo (``bench/crf_speed.py``'s), 21 classes, 20
+detections (random boxes of 10-60 % of each side, random labels and scores) and 3 SLIC superpixel scales (100, 200
+and 400 segments). Per iteration, the CRF-RNN layer filters the marginals through its two lattices (the pairwise
 term; the lattices themselves are built once per forward and are not counted); the potentials add:
 
 * detection: :func:`crfasrnn.higher_order.detection_update` (Y's update and the pixels' term), every iteration;
@@ -25,37 +25,23 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from crf_speed import load_photo, timed
 
 HEIGHT, WIDTH, NUM_CLASSES, NUM_DETECTIONS = 375, 500, 21, 20
 SUPERPIXELS = (100, 200, 400)
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def setting(device: str):
     """The photo (H, W, 3) uint8, unary (1, C, H, W), detections and superpixels, seeded; and SLIC's time."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from crfasrnn.higher_order import Detections, slic_superpixels
-    from crfasrnn.image import bundled_photo_path
 
-    with Image.open(bundled_photo_path()) as im:
-        photo = np.asarray(im.convert("RGB").resize((WIDTH, HEIGHT), Image.BILINEAR))
+    photo = load_photo((WIDTH, HEIGHT))  # the main benchmark's photo (bench/crf_speed.py)
     gen = torch.Generator().manual_seed(0)
     unary = torch.randn(1, NUM_CLASSES, HEIGHT, WIDTH, generator=gen) * 3
     rng = np.random.default_rng(0)

@@ -34,27 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from crf_speed import _proc_status_kb, sync
+
 BATCH, SIZE, NUM_CLASSES = 8, 321, 21  # rloss's batch and crop size (square), PASCAL VOC's labels
 SIGMA_RGB, SIGMA_XY, WEIGHT = 15.0, 100.0, 2e-9  # the paper's; the weight changes no timing
 SCALES = (0.5, 1.0)
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _reset_peak() -> bool:

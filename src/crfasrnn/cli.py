@@ -11,6 +11,8 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+logger = logging.getLogger(__name__)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -106,7 +108,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         from .weights import load_model
 
-        model, _ = load_model(args.weights, num_iterations=args.num_iterations)
+        model, info = load_model(args.weights, num_iterations=args.num_iterations)
         if args.num_classes is not None and args.num_classes != model.num_classes:
             raise ValueError(f"--num-classes {args.num_classes} but {args.weights} has {model.num_classes} classes")
         num_classes = model.num_classes
@@ -115,6 +117,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = open_dataset(
         args.data, args.split, num_classes=num_classes, class_names=class_names, transform=EvalTransform()
     )
+    if args.weights:
+        dataset = _with_higher_order(args, model, info, dataset)
+    elif args.detections is not None or args.superpixels is not None:
+        raise ValueError("--detections and --superpixels are inputs of a network's CRF: they need --weights")
 
     def bar(items):
         return tqdm(items, desc=f"evaluate {args.split}", unit="img", dynamic_ncols=True)
@@ -149,6 +155,35 @@ def _evaluate(args: argparse.Namespace) -> int:
         plot_class_iou({labels[h].split(" (")[0]: m for h, m in results.items()}, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _with_higher_order(args: argparse.Namespace, model, info, dataset):
+    """``dataset`` with the detections and superpixels that the model's higher-order potentials take (the
+    superpixel counts by default those of its training), or unchanged for a CRF without them."""
+    from .data.higher_order import HigherOrderDataset
+
+    potentials = getattr(getattr(model, "crf", None), "higher_order", None)
+    if potentials is None:
+        if args.detections is not None or args.superpixels is not None:
+            raise ValueError(f"{args.weights} has no higher-order potentials: --detections and --superpixels need them")
+        return dataset
+    counts = args.superpixels
+    if counts is None and potentials.superpixel_scales:
+        counts = info.metadata.get("higher_order", {}).get("superpixels")
+        if not counts or len(counts) != potentials.superpixel_scales:
+            raise ValueError(
+                f"{args.weights} has {potentials.superpixel_scales} superpixel scale(s) but records no SLIC counts: "
+                "give --superpixels"
+            )
+    if counts is not None and len(counts) != potentials.superpixel_scales:
+        raise ValueError(f"{args.weights} takes {potentials.superpixel_scales} superpixel scale(s), got {len(counts)}")
+    if args.detections is not None and not potentials.detections:
+        raise ValueError(f"{args.weights} has no detection potential: --detections needs one")
+    if args.detections is None and potentials.detections:
+        logger.warning("%s has a detection potential but no --detections were given: it is left out", args.weights)
+    if args.detections is None and not counts:
+        return dataset
+    return HigherOrderDataset(dataset, detections=args.detections, superpixels=counts or ())
 
 
 def _add_train_parser(sub) -> None:
@@ -201,6 +236,31 @@ def _add_train_parser(sub) -> None:
         action="store_true",
         help="the dense-CRF loss with the normalised affinity D^-1/2 W D^-1/2 (default: W)",
     )
+    p.add_argument(
+        "--detections",
+        help="higher-order detection potential (stages crf / joint): folder of <sample id>.json detection files "
+        "(boxes or masks, labels, scores; see crfasrnn refine --detections), for both splits",
+    )
+    p.add_argument(
+        "--superpixels",
+        type=_segment_counts,
+        metavar="N[,N2,...]",
+        help="higher-order superpixel potential (stages crf / joint): SLIC on every training crop, about N segments, "
+        "one scale per count (needs scikit-image)",
+    )
+    p.add_argument(
+        "--superpixel-potential",
+        choices=("mean", "potts"),
+        help="superpixel term: mean (caffe-tvg's released form, default) or potts (the paper's Pn-Potts)",
+    )
+    p.add_argument(
+        "--crf-lr-mult-higher-order", type=float, help="lr multiplier of the higher-order weights (default 1000)"
+    )
+    p.add_argument(
+        "--higher-order-init",
+        type=float,
+        help="start every higher-order weight at this value (default: w_x = w_y = 1, 0.5 per superpixel scale)",
+    )
     p.add_argument("--num-iterations-train", type=int, help="mean-field iterations in training (default 5)")
     p.add_argument("--num-iterations-test", type=int, help="mean-field iterations in validation (default 10)")
     p.add_argument("--init", help="initial weights: VGG-16 (torchvision layout), a checkpoint, or a weights file")
@@ -241,6 +301,16 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--classes", help="file of class names, one per line")
     p.add_argument("--num-iterations", type=int, default=10, help="mean-field iterations (default 10)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument(
+        "--detections", help="give the CRF's detection potential these detections: a folder of <id>.json files"
+    )
+    p.add_argument(
+        "--superpixels",
+        type=_segment_counts,
+        metavar="N[,N2,...]",
+        help="give the CRF's superpixel potential SLIC superpixels of about N segments per scale (default: the "
+        "counts the weights were trained with)",
+    )
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--plot", help="write a per-class IoU bar chart (PNG) here")
     p.set_defaults(func=_evaluate)

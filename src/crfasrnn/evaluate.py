@@ -18,11 +18,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .data.datasets import IGNORE_INDEX, SegmentationDataset, read_label_map
+from .data.higher_order import HigherOrderDataset, collate_higher_order
 from .data.transforms import preprocess_batch
 from .models import CrfRnnNet, FCN8s
 
@@ -231,7 +233,7 @@ def evaluate_predictions(
 @torch.no_grad()
 def model_confusion(
     model: FCN8s | CrfRnnNet,
-    dataset: SegmentationDataset,
+    dataset: SegmentationDataset | HigherOrderDataset,
     *,
     device: str | torch.device = "cpu",
     num_iterations: int | None = None,
@@ -242,6 +244,7 @@ def model_confusion(
 
     For a :class:`~crfasrnn.models.CrfRnnNet` one backbone pass gives both the FCN's prediction and the CRF's (with
     ``num_iterations`` mean-field steps; default: the model's own), so the CRF's gain is measured on the same unaries.
+    A :class:`~crfasrnn.data.higher_order.HigherOrderDataset` gives the CRF each image's detections and superpixels.
 
     Returns:
         ``{"fcn": (C, C)}`` or ``{"fcn": ..., "crf": ...}`` int64 confusion matrices on ``device``.
@@ -256,16 +259,23 @@ def model_confusion(
         iterations = crf.num_iterations if num_iterations is None else num_iterations
     try:
         for index in (progress or _identity)(list(range(len(dataset)) if indices is None else indices)):
-            image, label = dataset[index]
-            x = preprocess_batch(image[None].to(device))
-            label = label[None].to(device)
+            inputs: dict[str, Any] = {}
+            if isinstance(dataset, HigherOrderDataset):
+                images, label, detections, superpixels = collate_higher_order([dataset[index]])
+                given = {"detections": detections, "superpixels": superpixels}
+                inputs = {k: v.to(device) for k, v in given.items() if v is not None}
+            else:
+                image, label = dataset[index]
+                images, label = image[None], label[None]
+            x = preprocess_batch(images.to(device))
+            label = label.to(device)
             unary = model.unary(x) if isinstance(model, CrfRnnNet) else model(x)
             matrices["fcn"].update(unary.argmax(1), label)
             if crf is not None:
                 saved = crf.num_iterations
                 crf.num_iterations = iterations
                 try:
-                    out = crf(unary, x) if iterations > 0 else unary
+                    out = crf(unary, x, **inputs) if iterations > 0 else unary
                 finally:
                     crf.num_iterations = saved
                 matrices["crf"].update(out.argmax(1), label)
@@ -276,7 +286,7 @@ def model_confusion(
 
 def evaluate_model(
     model: FCN8s | CrfRnnNet,
-    dataset: SegmentationDataset,
+    dataset: SegmentationDataset | HigherOrderDataset,
     *,
     device: str | torch.device = "cpu",
     num_iterations: int | None = None,

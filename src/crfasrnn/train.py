@@ -21,6 +21,12 @@ steps), ``metrics.jsonl`` (one JSON record per logged step and per epoch), ``cur
 per epoch), ``config.json``, and for stages ``crf`` / ``joint`` at the end ``model.safetensors`` (the trained CRF-RNN
 in the package's weights format, with its class names: ``crfasrnn segment --weights`` and ``evaluate --weights``
 read it).
+
+Higher-order potentials (Arnab et al., ECCV 2016; stages ``crf`` and ``joint``): ``detections`` (a folder of
+``<sample id>.json`` files) and ``superpixels`` (SLIC segment counts) give the CRF its detection and superpixel
+potentials; each sample brings its detections, transformed with it, and its superpixels, made on the transformed image
+(:class:`~crfasrnn.data.higher_order.HigherOrderDataset`); the potentials' weights form their own parameter group
+(``crf_lr_mult_higher_order``), and ``model.safetensors`` records the settings under ``higher_order``.
 """
 
 from __future__ import annotations
@@ -44,9 +50,11 @@ from . import distributed as dist_utils
 from .checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EvalTransform, SegmentationDataset, TrainTransform, open_dataset, preprocess_batch
 from .data.datasets import IGNORE_INDEX
+from .data.higher_order import HigherOrderDataset, collate_higher_order
 from .errors import MissingDependencyError, TrainingDivergedError
 from .evaluate import SegmentationMetrics, model_confusion, segmentation_metrics
 from .files import remove_orphans
+from .higher_order import Detections, Superpixels
 from .initialise import he_initialise, initialise_from_file
 from .losses import dense_crf_loss
 from .models import CrfRnnNet, FCN8s
@@ -59,6 +67,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("fcn", "crf", "joint")
 CHECKPOINT_NAME = "last.pt"
 DEFAULT_LR = {"fcn": 1e-3, "crf": 1e-5, "joint": 1e-5}
+Dataset_ = SegmentationDataset | HigherOrderDataset  # a training or validation set
 
 
 @dataclass
@@ -106,6 +115,14 @@ class TrainConfig:
     crf_loss_scale: float = 0.5
     crf_loss_normalized: bool = False  # the normalised affinity D^-1/2 W D^-1/2 instead of W
     crf_loss_start_epoch: int = 0  # the loss is added from this epoch on (rloss fine-tunes a partial-CE network)
+    # higher-order potentials (Arnab et al., ECCV 2016; stages crf / joint): a folder of <sample id>.json detection
+    # files (both splits), SLIC segment counts (one superpixel scale each), the superpixel form, the potentials'
+    # learning-rate multiplier, and their weights' starting value (None: the layer's, w_x = w_y = 1, 0.5 per scale)
+    detections: str | None = None
+    superpixels: list[int] | None = None
+    superpixel_potential: str = "mean"
+    crf_lr_mult_higher_order: float = 1000.0
+    higher_order_init: float | None = None
     init: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -147,6 +164,7 @@ class TrainConfig:
             raise ValueError(f"crf_loss_start_epoch must be >= 0, got {self.crf_loss_start_epoch}")
         if not 0 < self.crf_loss_scale <= 1:
             raise ValueError(f"crf_loss_scale must lie in (0, 1], got {self.crf_loss_scale}")
+        self._validate_higher_order()
         if self.lr is None:
             self.lr = DEFAULT_LR[self.stage]
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -155,6 +173,28 @@ class TrainConfig:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.stage != "fcn" and self.init is None and not self.resume:
             logger.warning("stage %s without init: the FCN starts from scratch (train stage fcn first)", self.stage)
+
+    def _validate_higher_order(self) -> None:
+        if self.superpixels is not None:
+            counts = list(self.superpixels)
+            if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+                raise ValueError(f"superpixels must be segment counts >= 1, e.g. [100, 200], got {self.superpixels!r}")
+            self.superpixels = counts
+        if self.superpixel_potential not in ("mean", "potts"):
+            raise ValueError(f"superpixel_potential must be 'mean' or 'potts', got {self.superpixel_potential!r}")
+        if self.higher_order and self.stage == "fcn":
+            raise ValueError("detections and superpixels are CRF inputs: they need stage crf or joint, not fcn")
+        if self.detections is not None and not Path(self.detections).is_dir():
+            raise FileNotFoundError(f"detections folder not found: {self.detections}")
+        if self.higher_order_init is not None and not math.isfinite(self.higher_order_init):
+            raise ValueError(f"higher_order_init must be a finite number, got {self.higher_order_init}")
+        if not (math.isfinite(self.crf_lr_mult_higher_order) and self.crf_lr_mult_higher_order >= 0):
+            raise ValueError(f"crf_lr_mult_higher_order must be >= 0, got {self.crf_lr_mult_higher_order}")
+
+    @property
+    def higher_order(self) -> bool:
+        """Whether the CRF has higher-order potentials (detections or superpixels)."""
+        return self.detections is not None or bool(self.superpixels)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,11 +220,28 @@ class TrainResult:
     records: list[dict]
 
 
-def build_model(stage: str, num_classes: int, *, width: float, num_iterations: int) -> FCN8s | CrfRnnNet:
-    """FCN-8s for stage ``fcn``; CRF-RNN with ``num_iterations`` mean-field steps for ``crf`` / ``joint``."""
+def build_model(
+    stage: str,
+    num_classes: int,
+    *,
+    width: float,
+    num_iterations: int,
+    detections: bool = False,
+    superpixel_scales: int = 0,
+    superpixel_potential: str = "mean",
+) -> FCN8s | CrfRnnNet:
+    """FCN-8s for stage ``fcn``; CRF-RNN with ``num_iterations`` mean-field steps for ``crf`` / ``joint``, with the
+    higher-order potentials asked for (a detection potential, ``superpixel_scales`` superpixel scales)."""
     if stage == "fcn":
         return FCN8s(num_classes, width=width)
-    return CrfRnnNet(num_classes, num_iterations, width=width)
+    options: dict[str, Any] = {}
+    if detections or superpixel_scales:
+        options = {
+            "detections": detections,
+            "superpixel_scales": superpixel_scales,
+            "superpixel_potential": superpixel_potential,
+        }
+    return CrfRnnNet(num_classes, num_iterations, width=width, **options)
 
 
 def parameter_groups(model: FCN8s | CrfRnnNet, config: TrainConfig) -> list[dict[str, Any]]:
@@ -206,11 +263,18 @@ def parameter_groups(model: FCN8s | CrfRnnNet, config: TrainConfig) -> list[dict
         "biases": {"params": [], "lr_mult": 2.0, "weight_decay": 0.0},
         "crf_kernels": {"params": [], "lr_mult": config.crf_lr_mult_kernel, "weight_decay": config.crf_weight_decay},
         "crf_compat": {"params": [], "lr_mult": config.crf_lr_mult_compat, "weight_decay": config.crf_weight_decay},
+        "crf_higher_order": {
+            "params": [],
+            "lr_mult": config.crf_lr_mult_higher_order,
+            "weight_decay": config.crf_weight_decay,
+        },
     }
     for name, param in model.named_parameters():
         if any(param is p for p in frozen):
             continue
-        if isinstance(model, CrfRnnNet) and name.startswith("crf."):
+        if isinstance(model, CrfRnnNet) and name.startswith("crf.higher_order."):
+            groups["crf_higher_order"]["params"].append(param)
+        elif isinstance(model, CrfRnnNet) and name.startswith("crf."):
             groups["crf_compat" if name.endswith("compatibility") else "crf_kernels"]["params"].append(param)
         elif not train_backbone:
             param.requires_grad_(False)
@@ -255,7 +319,7 @@ PADDING_LABEL = -1
 as rloss's ``croppings`` do); the step turns them into 255 for the cross-entropy."""
 
 
-def _load_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+def _load_datasets(config: TrainConfig) -> tuple[Dataset_, Dataset_ | None]:
     transform = TrainTransform(
         config.crop_size,
         scale_range=(config.scale_min, config.scale_max),
@@ -279,6 +343,12 @@ def _load_datasets(config: TrainConfig) -> tuple[SegmentationDataset, Segmentati
             class_names=train_set.class_names,
             transform=EvalTransform(),
         )
+    if config.higher_order:  # each sample with its detections and superpixels
+
+        def with_inputs(dataset: SegmentationDataset) -> HigherOrderDataset:
+            return HigherOrderDataset(dataset, detections=config.detections, superpixels=config.superpixels or ())
+
+        return with_inputs(train_set), None if val_set is None else with_inputs(val_set)
     return train_set, val_set
 
 
@@ -290,7 +360,7 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 def validate(
     model: FCN8s | CrfRnnNet,
-    dataset: SegmentationDataset,
+    dataset: Dataset_,
     *,
     device: torch.device,
     num_iterations: int,
@@ -363,7 +433,7 @@ def train(
     return result
 
 
-def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(loader: DataLoader) -> Iterator[tuple[Any, ...]]:
     """Iterate ``loader``; an error in a worker process comes back as the original one-line error."""
     iterator = iter(loader)
     while True:
@@ -388,8 +458,8 @@ class _Run:
     config: TrainConfig
     info: dist_utils.DistInfo
     device: torch.device
-    train_set: SegmentationDataset
-    val_set: SegmentationDataset | None
+    train_set: Dataset_
+    val_set: Dataset_ | None
     model: FCN8s | CrfRnnNet
     ddp_model: nn.Module  # ``model`` itself in a single process
     optimizer: torch.optim.SGD
@@ -470,7 +540,13 @@ def _setup(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device)
     train_set, val_set = _load_datasets(config)
     torch.manual_seed(config.seed)
     model = build_model(
-        config.stage, train_set.num_classes, width=config.width, num_iterations=config.num_iterations_train
+        config.stage,
+        train_set.num_classes,
+        width=config.width,
+        num_iterations=config.num_iterations_train,
+        detections=config.detections is not None,
+        superpixel_scales=len(config.superpixels or ()),
+        superpixel_potential=config.superpixel_potential,
     )
     checkpoint_path = Path(config.out) / CHECKPOINT_NAME
     checkpoint = _resume_checkpoint(checkpoint_path, config, info) if config.resume else None
@@ -511,7 +587,7 @@ def _resume_checkpoint(path: Path, config: TrainConfig, info: dist_utils.DistInf
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     checkpoint = load_checkpoint(path)
     saved = checkpoint["args"]
-    for key in ("stage", "width", "batch_size", "epochs", "seed", "train_split", "crop_size"):
+    for key in ("stage", "width", "batch_size", "epochs", "seed", "train_split", "crop_size", "superpixels"):
         if saved.get(key) != getattr(config, key):
             raise ValueError(
                 f"--resume: {path} was written with {key}={saved.get(key)!r}, now {getattr(config, key)!r}"
@@ -533,6 +609,11 @@ def _initialise_model(model: FCN8s | CrfRnnNet, config: TrainConfig, checkpoint:
     else:
         he_initialise(model)
         logger.info("no init file: backbone initialised randomly (He normal), score layers zero, upsampling bilinear")
+    potentials = model.crf.higher_order if isinstance(model, CrfRnnNet) else None
+    if checkpoint is None and config.higher_order_init is not None and potentials is not None:
+        with torch.no_grad():
+            for param in potentials.parameters():
+                param.fill_(config.higher_order_init)
     if config.dropout is not None:
         _set_dropout(model, config.dropout)
 
@@ -591,6 +672,7 @@ def _epoch_loader(run: _Run, epoch: int, skip: int) -> DataLoader:
     return DataLoader(
         run.train_set,
         batch_size=config.batch_size,
+        collate_fn=collate_higher_order if isinstance(run.train_set, HigherOrderDataset) else None,
         sampler=run.sampler,
         num_workers=config.workers,
         drop_last=True,
@@ -609,8 +691,8 @@ def _run_epoch(run: _Run, bar: _ProgressBar) -> _Throughput:
     if skip == 0:
         run.epoch_sum.zero_()
     throughput = _Throughput()
-    for images, labels in _batches(loader):
-        _train_step(run, images, labels)
+    for images, labels, *inputs in _batches(loader):
+        _train_step(run, images, labels, *inputs)
         throughput.seen += images.shape[0] * run.info.world_size  # global images: equal batches on every process
         rate = throughput.rate()
         bar.update(1)
@@ -624,7 +706,13 @@ def _run_epoch(run: _Run, bar: _ProgressBar) -> _Throughput:
     return throughput
 
 
-def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
+def _train_step(
+    run: _Run,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    detections: Detections | None = None,
+    superpixels: Superpixels | None = None,
+) -> None:
     """One optimizer step on a batch; adds its loss to ``run.epoch_sum`` and sets ``run.loss_value``."""
     config, device = run.config, run.device
     x = preprocess_batch(images.to(device, non_blocking=True))
@@ -634,7 +722,14 @@ def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
         inside = labels != PADDING_LABEL
         labels = labels.masked_fill(~inside, IGNORE_INDEX)
         roi = inside.float()
-    logits = run.ddp_model(x)
+    if detections is not None or superpixels is not None:
+        logits = run.ddp_model(
+            x,
+            detections=None if detections is None else detections.to(device),
+            superpixels=None if superpixels is None else superpixels.to(device),
+        )
+    else:
+        logits = run.ddp_model(x)
     loss_sum, count = _loss_sum(logits, labels)
     crf = None
     if roi is not None and run.step >= config.crf_loss_start_epoch * run.steps_per_epoch:
@@ -709,7 +804,7 @@ def _finish_epoch(run: _Run, throughput: _Throughput) -> None:
     _checkpoint(run, plot=True)
 
 
-def _validate_epoch(run: _Run, val_set: SegmentationDataset) -> dict[str, float]:
+def _validate_epoch(run: _Run, val_set: Dataset_) -> dict[str, float]:
     """Validate the model (kept in ``run.val``); the epoch record's validation entries."""
     config, info = run.config, run.info
     run.val = validate(
@@ -771,10 +866,24 @@ def _save_final_weights(run: _Run) -> None:
     save_weights(
         model,
         path,
-        metadata={"classes": run.train_set.class_names, "trained_on": str(config.data), "stage": config.stage},
+        metadata={
+            "classes": run.train_set.class_names,
+            "trained_on": str(config.data),
+            "stage": config.stage,
+            **({"higher_order": _higher_order_metadata(config)} if config.higher_order else {}),
+        },
     )
     model.crf.num_iterations = config.num_iterations_train
     logger.info("wrote %s", path)
+
+
+def _higher_order_metadata(config: TrainConfig) -> dict[str, Any]:
+    """What the weights file records of the potentials: whether it takes detections, its SLIC counts."""
+    return {
+        "detections": config.detections is not None,
+        "superpixels": list(config.superpixels or ()),
+        "superpixel_potential": config.superpixel_potential,
+    }
 
 
 def _result(run: _Run) -> TrainResult:

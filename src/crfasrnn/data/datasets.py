@@ -140,11 +140,14 @@ class SegmentationDataset(Dataset):
         check_labels(label, self.num_classes, str(label_path))
         return image, label
 
+    def rng(self, index: int) -> np.random.Generator:
+        """The random generator of sample ``index``'s transform in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.load(index)
         if self.transform is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, label = self.transform(image, label, rng)
+            image, label = self.transform(image, label, self.rng(index))
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         label_t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
         return image_t, label_t

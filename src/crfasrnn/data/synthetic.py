@@ -7,6 +7,7 @@ kernel has colour edges to snap to.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -128,6 +129,34 @@ def scribble_labels(label: np.ndarray, rng: np.random.Generator, *, margin: int 
     return out
 
 
+def _box(mask: np.ndarray) -> list[int]:
+    rows, cols = np.nonzero(mask)
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
+def _detections(
+    objects: list[tuple[int, np.ndarray]], num_classes: int, false_rate: float, rng: np.random.Generator
+) -> list[dict]:
+    """One detection per object (its box around the pixels later objects leave visible), and perhaps a false one."""
+    found = []
+    covered = np.zeros_like(objects[0][1])
+    for cls, mask in reversed(objects):  # later objects are drawn over earlier ones
+        visible = mask & ~covered
+        covered |= mask
+        if visible.any():
+            found.append({"label": cls, "score": round(float(rng.uniform(0.5, 1.0)), 3), "box": _box(visible)})
+    if rng.random() < false_rate:
+        height, width = covered.shape
+        for _ in range(20):  # a box on the background: at most a tenth of it on objects
+            h, w = (int(rng.integers(max(2, n // 6), max(3, n // 3))) for n in (height, width))
+            y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            if covered[y : y + h, x : x + w].mean() <= 0.1:
+                score = round(float(rng.uniform(0.3, 0.5)), 3)
+                found.append({"label": int(rng.integers(1, num_classes)), "score": score, "box": [x, y, x + w, y + h]})
+                break
+    return found[::-1]
+
+
 def make_synthetic_voc(
     root: str | os.PathLike,
     *,
@@ -138,6 +167,8 @@ def make_synthetic_voc(
     max_objects: int = 3,
     boundary: int = 0,
     scribbles: bool = False,
+    detections: bool = False,
+    false_detections: float = 0.0,
     seed: int = 0,
 ) -> Path:
     """Write a VOC-layout dataset of generated images under ``root`` and return ``root``.
@@ -171,17 +202,25 @@ def make_synthetic_voc(
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    detection_rng = np.random.default_rng([seed, 1])  # its own stream: the images do not depend on ``detections``
+    if detections:
+        (root / "Detections").mkdir(exist_ok=True)
     splits = {"train": [f"train_{i:04d}" for i in range(num_train)], "val": [f"val_{i:04d}" for i in range(num_val)]}
     for ids in splits.values():
         for stem in ids:
             image = _background(rng, height, width)
             label = np.zeros((height, width), np.int64)
+            objects = []
             for _ in range(int(rng.integers(1, max_objects + 1))):
                 cls = int(rng.integers(1, num_classes))
                 mask = _shape_mask(rng, height, width)
                 colour = np.asarray(CLASS_COLOURS[cls - 1][1], np.float64) + rng.uniform(-20, 20, size=3)
                 image[mask] = (colour + rng.normal(0, 3, size=(int(mask.sum()), 3))).clip(0, 255)
                 label[mask] = cls
+                objects.append((cls, mask))
+            if detections:
+                found = _detections(objects, num_classes, false_detections, detection_rng)
+                (root / "Detections" / f"{stem}.json").write_text(json.dumps(found))
             if boundary > 0:
                 padded = np.pad(label, boundary, mode="edge")
                 edge = np.zeros_like(label, dtype=bool)

@@ -50,6 +50,15 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return h, w
 
 
+def _resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 or bool (H, W) array resized to PIL ``size`` (width, height), nearest neighbour."""
+    return np.asarray(Image.fromarray(array).resize(size, Image.NEAREST))  # type: ignore[attr-defined]
+
+
+def _empty(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.zeros((0, size[1], size[0]), dtype=masks.dtype)
+
+
 class TrainTransform:
     """Random scale, random crop (padding the image with the mean colour and the label with 255), random flip.
 
@@ -88,6 +97,16 @@ class TrainTransform:
         self.fill = tuple(int(c) for c in fill)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        image, label, _ = self.with_masks(image, label, None, rng)
+        return image, label
+
+    def with_masks(
+        self, image: np.ndarray, label: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The transform of the pair and of ``masks`` (a (D, H, W) bool stack of the image's pixels, e.g. the
+        foregrounds of its detections), which follow the label map: resized nearest, padded with ``False``, cropped
+        and flipped alike. The random draws are those of ``__call__``, so the pair is the same with or without
+        masks."""
         lo, hi = self.scale_range
         scale = float(rng.uniform(lo, hi)) if hi > lo else lo
         if scale != 1.0:
@@ -95,7 +114,9 @@ class TrainTransform:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL sizes are (width, height)
             # Pillow sets its filter constants with setattr(): its annotations lack them
             image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))  # type: ignore[attr-defined]
-            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST)).astype(np.int64)  # type: ignore[attr-defined]
+            label = _resize_nearest(label.astype(np.uint8), size).astype(np.int64)
+            if masks is not None:
+                masks = np.stack([_resize_nearest(m, size) for m in masks]) if len(masks) else _empty(masks, size)
         ch, cw = self.crop_size
         h, w = label.shape
         ph, pw = max(ch - h, 0), max(cw - w, 0)
@@ -106,14 +127,24 @@ class TrainTransform:
             padded_label = np.full((h + ph, w + pw), self.pad_label, np.int64)
             padded_label[:h, :w] = label
             image, label = padded, padded_label
+            if masks is not None:
+                masks = np.pad(masks, ((0, 0), (0, ph), (0, pw)), constant_values=False)
             h, w = label.shape
         top = int(rng.integers(0, h - ch + 1))
         left = int(rng.integers(0, w - cw + 1))
         image = image[top : top + ch, left : left + cw]
         label = label[top : top + ch, left : left + cw]
+        if masks is not None:
+            masks = masks[:, top : top + ch, left : left + cw]
         if self.hflip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+            if masks is not None:
+                masks = masks[:, :, ::-1]
+        return (
+            np.ascontiguousarray(image),
+            np.ascontiguousarray(label),
+            None if masks is None else np.ascontiguousarray(masks),
+        )
 
     def __repr__(self) -> str:
         return f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, hflip={self.hflip})"
@@ -126,6 +157,11 @@ class EvalTransform:
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         return image, label
+
+    def with_masks(
+        self, image: np.ndarray, label: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return image, label, masks
 
     def __repr__(self) -> str:
         return "EvalTransform()"

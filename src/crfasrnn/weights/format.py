@@ -97,6 +97,27 @@ def architecture_of(keys: Mapping[str, Any]) -> Architecture:
     return "CrfRnnNet" if any(k.startswith("crf.") for k in keys) else "FCN8s"
 
 
+def higher_order_options(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`~crfasrnn.crf.CrfRnn` options that a CRF-RNN state_dict's higher-order tensors imply (empty for
+    a CRF without them): ``detections`` when it has detection weights, ``superpixel_scales`` and
+    ``superpixel_potential`` from the superpixel weights' shape ((S,): the mean form, (S, C): Pⁿ-Potts).
+
+    Example:
+        >>> higher_order_options({"crf.higher_order.superpixel_weights": torch.zeros(3)})
+        {'detections': False, 'superpixel_scales': 3, 'superpixel_potential': 'mean'}
+    """
+    prefix = "crf.higher_order."
+    if not any(k.startswith(prefix) for k in state_dict):
+        return {}
+    weights = state_dict.get(prefix + "superpixel_weights")
+    shape = tuple(weights.shape) if weights is not None else ()
+    return {
+        "detections": prefix + "detection_x_weights" in state_dict,
+        "superpixel_scales": shape[0] if shape else 0,
+        "superpixel_potential": "potts" if len(shape) == 2 else "mean",
+    }
+
+
 def width_of(state_dict: Mapping[str, torch.Tensor]) -> float:
     """The channel width the tensors imply: ``conv1_1``'s output channels / 64 (1.0 without ``conv1_1``).
 

@@ -68,6 +68,7 @@ from .format import (
     architecture_of,
     default_metadata,
     file_sha256,
+    higher_order_options,
     metadata_width,
     save_weights,
     width_of,
@@ -286,7 +287,8 @@ def network_for(
         raise WeightsError(f"{info.path} ({info.format}) has no class layers (no score_fr.weight): no network to build")
     width = metadata_width(info)
     if info.format in PUBLISHED_FORMATS or architecture_of(state_dict) == "CrfRnnNet":
-        return CrfRnnNet(info.num_classes, num_iterations, width=width, **crf_kwargs)
+        options = {**higher_order_options(state_dict), **crf_kwargs}
+        return CrfRnnNet(info.num_classes, num_iterations, width=width, **options)
     return FCN8s(info.num_classes, width=width)
 
 

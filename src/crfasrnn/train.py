@@ -575,8 +575,11 @@ def _setup(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device)
     else:
         torch.manual_seed(config.seed + info.rank)  # dropout masks differ between processes, like their data
     if info.enabled:
+        # a process whose batch has no detection leaves the detection weights out of its graph
         run.ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.detections is not None,
         )
     return run
 

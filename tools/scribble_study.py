@@ -3,19 +3,25 @@
 For each seed: generate a scribble dataset (``make_synthetic_voc(scribbles=True)``: training images with scribbles,
 held-out images with full labels), train the FCN stage once per loss weight (0 is partial cross-entropy alone) with
 the same steps, and print the held-out mIoU of each and its gain over weight 0. ``--full`` trains on full labels
-instead (the ceiling). The figures of the README's section on the dense-CRF loss come from
+instead, on the same images (the ceiling). The figures of the README's section on the dense-CRF loss come from
 
     python tools/scribble_study.py --seeds 1,2 --weights 0,3e-6,1e-5
     python tools/scribble_study.py --seeds 3,4 --weights 0,2e-6,5e-6
     python tools/scribble_study.py --seeds 1 --full
+    python tools/scribble_study.py --seeds 1,2,3,4 --size 96x128 --weights 0,1e-3 --normalized --start-epoch 8
 
-(about 40 s per training on 2 CPU cores). Not a test: one training's mIoU varies by several points with the seed.
+(about 40 s per training at 48x64 on 2 CPU cores, 80 s at 96x128). Not a test: one training's mIoU varies by several
+points with the seed; ``--threads 1`` makes a training deterministic.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
+from pathlib import Path
+
+import torch
 
 from crfasrnn.data import make_synthetic_voc
 from crfasrnn.train import TrainConfig, train
@@ -35,17 +41,26 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--start-epoch", type=int, default=0)
     parser.add_argument("--normalized", action="store_true")
+    parser.add_argument("--size", default="48x64", help="image size HxW (training crops are H x H)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (1: deterministic; 0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     weights = [0.0] if args.full else [float(w) for w in args.weights.split(",")]
+    height, width = (int(v) for v in args.size.lower().split("x"))
     for seed in (int(s) for s in args.seeds.split(",")):
         root = make_synthetic_voc(
             tempfile.mkdtemp(),
             num_train=args.num_train,
             num_val=args.num_val,
-            size=(48, 64),
-            scribbles=not args.full,
+            size=(height, width),
+            scribbles=True,
+            keep_full_labels=args.full,
             seed=seed,
         )
+        if args.full:  # the same images with their full labels
+            for path in Path(root, "SegmentationClassFull").iterdir():
+                shutil.copyfile(path, Path(root, "SegmentationClass", path.name))
         scores = []
         for weight in weights:
             config = TrainConfig(
@@ -54,7 +69,7 @@ def main() -> None:
                 stage="fcn",
                 width=1 / 16,
                 batch_size=4,
-                crop_size=48,
+                crop_size=height,
                 workers=0,
                 device="cpu",
                 epochs=args.epochs,

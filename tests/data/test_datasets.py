@@ -205,3 +205,19 @@ def test_dataset_randomness_depends_on_seed_epoch_index_only(voc):
     assert torch.equal(images[1], ds[1][0]) and torch.equal(labels[0], ds[0][1])
     full = open_dataset(voc, "val", transform=EvalTransform())
     assert full[0][0].shape == (3, 30, 40)  # evaluation at full size
+
+
+def test_scribbled_data_can_keep_the_full_labels_of_the_same_images(tmp_path):
+    from crfasrnn.data import make_synthetic_voc
+
+    kept = make_synthetic_voc(tmp_path / "a", num_train=3, num_val=1, scribbles=True, keep_full_labels=True, seed=6)
+    plain = make_synthetic_voc(tmp_path / "b", num_train=3, num_val=1, scribbles=True, seed=6)
+    for stem in ("train_0000", "train_0002", "val_0000"):  # the same images and scribbles as without the option
+        for sub, suffix in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+            assert (kept / sub / f"{stem}.{suffix}").read_bytes() == (plain / sub / f"{stem}.{suffix}").read_bytes()
+    for stem in ("train_0000", "train_0002"):
+        full = np.asarray(Image.open(kept / "SegmentationClassFull" / f"{stem}.png"))
+        scribbles = np.asarray(Image.open(kept / "SegmentationClass" / f"{stem}.png"))
+        assert (full != 255).all() and (scribbles == 255).mean() > 0.8
+        assert (scribbles[scribbles != 255] == full[scribbles != 255]).all()  # the scribbles are of these labels
+    assert not (kept / "SegmentationClassFull" / "val_0000.png").exists()  # validation keeps its full labels anyway

@@ -167,6 +167,7 @@ def make_synthetic_voc(
     max_objects: int = 3,
     boundary: int = 0,
     scribbles: bool = False,
+    keep_full_labels: bool = False,
     detections: bool = False,
     false_detections: float = 0.0,
     seed: int = 0,
@@ -187,6 +188,9 @@ def make_synthetic_voc(
         scribbles: label the training images with scribbles only (:func:`scribble_labels`: a thin stroke inside each
             object and across the background, a few percent of the pixels; the rest 255), as weakly supervised
             training has them; the validation images keep their full labels, for scoring.
+        keep_full_labels: with ``scribbles``, also write the training images' full labels to
+            ``SegmentationClassFull/``: fully supervised training on the same images (drawing the scribbles takes
+            random numbers, so ``scribbles=False`` gives other images).
         seed: random seed.
 
     Example:
@@ -229,6 +233,9 @@ def make_synthetic_voc(
                         edge |= padded[dy : dy + height, dx : dx + width] != label
                 label = np.where(edge, IGNORE_INDEX, label)
             if scribbles and stem.startswith("train_"):
+                if keep_full_labels:
+                    (root / "SegmentationClassFull").mkdir(exist_ok=True)
+                    save_label_map(label, root / "SegmentationClassFull" / f"{stem}.png")
                 label = scribble_labels(label, rng)
             Image.fromarray(image.astype(np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
             save_label_map(label, root / "SegmentationClass" / f"{stem}.png")

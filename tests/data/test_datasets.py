@@ -208,8 +208,6 @@ def test_dataset_randomness_depends_on_seed_epoch_index_only(voc):
 
 
 def test_scribbled_data_can_keep_the_full_labels_of_the_same_images(tmp_path):
-    from crfasrnn.data import make_synthetic_voc
-
     kept = make_synthetic_voc(tmp_path / "a", num_train=3, num_val=1, scribbles=True, keep_full_labels=True, seed=6)
     plain = make_synthetic_voc(tmp_path / "b", num_train=3, num_val=1, scribbles=True, seed=6)
     for stem in ("train_0000", "train_0002", "val_0000"):  # the same images and scribbles as without the option

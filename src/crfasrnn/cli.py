@@ -433,12 +433,11 @@ def _refine_one(args: argparse.Namespace, image_path: Path, source: Path, *, num
 def _detections_for(where: Path, image_path: Path, size: tuple[int, int], num_classes: int | None):
     """The detections of one photo: ``where`` is a JSON file, or a folder of ``<image stem>.json`` files (an image
     without one has no detections)."""
-    from .higher_order import Detections, read_detections
+    from .higher_order import read_detections, read_image_detections
 
-    path = where / f"{image_path.stem}.json" if where.is_dir() else where
-    if where.is_dir() and not path.exists():
-        return Detections.from_boxes([[]], [[]], [[]], size=size)
-    return read_detections(path, size, num_classes)
+    if where.is_dir():
+        return read_image_detections(where, image_path.stem, size, num_classes)
+    return read_detections(where, size, num_classes)
 
 
 def _segment_counts(text: str) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ __all__ = [
     "FolderSegmentation",
     "open_dataset",
     "read_label_map",
+    "pair_tensors",
     "default_class_names",
     "IGNORE_INDEX",
     "VOC_CLASS_NAMES",
@@ -69,6 +70,13 @@ def check_labels(label: np.ndarray, num_classes: int, source: str) -> None:
             f"{source}: label values {values[:8]} lie outside the class range 0..{num_classes - 1} "
             f"(and are not the ignore value {IGNORE_INDEX}); check --num-classes"
         )
+
+
+def pair_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample as tensors: the (H, W, 3) uint8 image as (3, H, W), the label map as (H, W) int64."""
+    image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    label_t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+    return image_t, label_t
 
 
 class SegmentationDataset(Dataset):
@@ -148,9 +156,7 @@ class SegmentationDataset(Dataset):
         image, label = self.load(index)
         if self.transform is not None:
             image, label = self.transform(image, label, self.rng(index))
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        label_t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
-        return image_t, label_t
+        return pair_tensors(image, label)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} samples, {self.num_classes} classes)"

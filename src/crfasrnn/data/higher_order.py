@@ -16,12 +16,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..higher_order import Detections, Superpixels, read_detections, slic_superpixels
-from .datasets import SegmentationDataset
+from ..higher_order import Detections, Superpixels, read_image_detections, slic_superpixels
+from .datasets import SegmentationDataset, pair_tensors
 
 __all__ = ["HigherOrderDataset", "HigherOrderSample", "HigherOrderBatch", "collate_higher_order"]
 
@@ -103,10 +102,7 @@ class HigherOrderDataset(Dataset):
     def _detections(self, index: int, size: tuple[int, int]) -> Detections | None:
         if self.detections is None:
             return None
-        path = self.detections / f"{self.base.ids[index]}.json"
-        if not path.is_file():
-            return Detections.from_boxes([[]], [[]], [[]], size=size)
-        return read_detections(path, size, self.base.num_classes)
+        return read_image_detections(self.detections, self.base.ids[index], size, self.base.num_classes)
 
     def __getitem__(self, index: int) -> HigherOrderSample:
         image, label = self.base.load(index)
@@ -122,9 +118,7 @@ class HigherOrderDataset(Dataset):
         segments = None
         if self.superpixels:
             segments = slic_superpixels(image, self.superpixels, compactness=self.compactness).segments[0]
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        label_t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
-        return image_t, label_t, detections, segments
+        return (*pair_tensors(image, label), detections, segments)
 
     def __repr__(self) -> str:
         parts = [repr(self.base)]
@@ -145,12 +139,9 @@ def collate_higher_order(samples: Sequence[HigherOrderSample]) -> HigherOrderBat
     detections = None
     if samples[0][2] is not None:
         found = [s[2] for s in samples if s[2] is not None]
-        if all(len(d[0]) == 0 for d in found):
-            detections = Detections.from_boxes([[] for _ in found], [[] for _ in found], [[] for _ in found], size=size)
-        else:
-            detections = Detections.from_masks(
-                [d[2] for d in found], [d[0].tolist() for d in found], [d[1].tolist() for d in found]
-            )
+        detections = Detections.from_masks(
+            [d[2] for d in found], [d[0].tolist() for d in found], [d[1].tolist() for d in found], size=size
+        )
     superpixels = None
     if samples[0][3] is not None:
         superpixels = Superpixels.from_label_maps(torch.stack([s[3] for s in samples if s[3] is not None]))

@@ -7,7 +7,7 @@ holds their inputs (``_inputs``: :class:`Detections`, :class:`Superpixels`, read
 terms and the mean field that runs with them (``_potentials``, whose docstring states the equations).
 """
 
-from ._inputs import Detections, Superpixels, read_detections, slic_superpixels
+from ._inputs import Detections, Superpixels, read_detections, read_image_detections, slic_superpixels
 from ._potentials import (
     HigherOrderPotentials,
     SuperpixelPotential,
@@ -27,6 +27,7 @@ __all__ = [
     "detection_y_init",
     "mean_field_higher_order",
     "read_detections",
+    "read_image_detections",
     "slic_superpixels",
     "superpixel_mean_term",
     "superpixel_potts_term",

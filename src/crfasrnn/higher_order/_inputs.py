@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import InputTypeError, MissingDependencyError
 
-__all__ = ["Detections", "Superpixels", "read_detections", "slic_superpixels"]
+__all__ = ["Detections", "Superpixels", "read_detections", "read_image_detections", "slic_superpixels"]
 
 
 def _as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -116,25 +116,33 @@ class Detections:
 
     @classmethod
     def from_masks(
-        cls, masks: Sequence[Any], labels: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]
+        cls,
+        masks: Sequence[Any],
+        labels: Sequence[Sequence[int]],
+        scores: Sequence[Sequence[float]],
+        *,
+        size: tuple[int, int] | None = None,
     ) -> Detections:
         """Per image: a (D_b, H, W) stack of foreground masks (anything nonzero is foreground), D_b labels and scores.
 
-        Images with no detections take an empty (0, H, W) stack (or an empty list, where another image gives H, W).
+        Images with no detections take an empty (0, H, W) stack (or an empty list); ``size`` gives the images' (H,
+        W) where no image has a detection (by default the masks' size).
         """
         stacks = [_as_tensor(f"masks[{b}]", m) for b, m in enumerate(masks)]
-        sizes = {tuple(s.shape[-2:]) for s in stacks if s.ndim == 3 and s.shape[0] > 0}
+        sizes = {(int(s.shape[-2]), int(s.shape[-1])) for s in stacks if s.ndim == 3 and s.shape[0] > 0}
+        if size is not None:
+            sizes.add((int(size[0]), int(size[1])))
         if len(sizes) > 1:
             raise ValueError(f"every image's masks must have one size (H, W), got {sorted(sizes)}")
         if not sizes:
-            raise ValueError("from_masks needs the size of the images: give at least one (D, H, W) stack of masks")
-        (size,) = sizes
-        empty = torch.zeros((0, *size), dtype=torch.bool)
+            raise ValueError("from_masks needs the size of the images: give size=(H, W) or a (D, H, W) stack of masks")
+        (image_size,) = sizes
+        empty = torch.zeros((0, *image_size), dtype=torch.bool)
         stacks = [empty if s.numel() == 0 else s for s in stacks]
         for b, s in enumerate(stacks):
-            if s.ndim != 3 or tuple(s.shape[1:]) != size:
-                raise ValueError(f"masks[{b}] must be (D, H, W) with H, W = {size}, got shape {tuple(s.shape)}")
-        return cls._pad([s != 0 for s in stacks], labels, scores, size)
+            if s.ndim != 3 or tuple(s.shape[1:]) != image_size:
+                raise ValueError(f"masks[{b}] must be (D, H, W) with H, W = {image_size}, got shape {tuple(s.shape)}")
+        return cls._pad([s != 0 for s in stacks], labels, scores, image_size)
 
     @classmethod
     def from_boxes(
@@ -312,6 +320,17 @@ def slic_superpixels(images: Any, num_segments: Sequence[int] | int, *, compactn
         ]
     )
     return Superpixels.from_label_maps(maps)
+
+
+def read_image_detections(
+    folder: str | os.PathLike, stem: str, size: tuple[int, int], num_classes: int | None = None
+) -> Detections:
+    """The detections of image ``stem`` in a folder of ``<stem>.json`` files (:func:`read_detections`): none where
+    the folder has no file for it."""
+    path = Path(folder) / f"{stem}.json"
+    if not path.is_file():
+        return Detections.from_masks([[]], [[]], [[]], size=size)
+    return read_detections(path, size, num_classes)
 
 
 def read_detections(path: str | os.PathLike, size: tuple[int, int], num_classes: int | None = None) -> Detections:

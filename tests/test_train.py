@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import train_one_and_two_processes
 
 from crfasrnn.checkpoint import load_checkpoint
 from crfasrnn.cli import _train_config, build_parser, main
@@ -147,13 +145,7 @@ def test_ddp_two_processes_equal_one(tiny_voc, tmp_path):
     over the global batch; equal up to float summation order (tolerance 1e-5 relative on weights and losses)."""
     common = ["--data", str(tiny_voc), "--stage", "fcn", "--width", str(WIDTH), "--epochs", "2", "--crop-size", "32",
               "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--dropout", "0", "--log-every", "1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "crfasrnn", "train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "crfasrnn",
-           "train", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]  # fmt: skip
-    for cmd in (one, two):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
+    train_one_and_two_processes(common, tmp_path, batch_size=4)
     a, b = load_checkpoint(tmp_path / "one/last.pt"), load_checkpoint(tmp_path / "two/last.pt")
     assert a["step"] == b["step"] == 4
     for key in a["model"]:

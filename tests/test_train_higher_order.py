@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import train_one_and_two_processes
 
 from crfasrnn.cli import main
 from crfasrnn.data import make_synthetic_voc, open_dataset
@@ -195,10 +196,6 @@ def test_ddp_with_the_potentials_equals_one_process(voc, tmp_path):
     """torchrun, 2 gloo processes × batch 2 against 1 process × batch 4, with detections for two images only: a
     process whose batch has none leaves the detection weights without a gradient of its own, and DDP must still
     average them with the other's."""
-    import os
-    import subprocess
-    import sys
-
     from crfasrnn.checkpoint import load_checkpoint
 
     dets = tmp_path / "dets"
@@ -208,14 +205,8 @@ def test_ddp_with_the_potentials_equals_one_process(voc, tmp_path):
     common = ["--data", str(voc), "--stage", "joint", "--width", "0.0625", "--epochs", "1", "--crop-size", "32",
               "--workers", "0", "--device", "cpu", "--dropout", "0", "--val-split", "none", "--detections",
               str(dets), "--superpixels", "10", "--num-iterations-train", "2"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "crfasrnn", "train", *common, "--batch-size", "4", "--out", str(tmp_path / "one")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "crfasrnn",
-           "train", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]  # fmt: skip
-    for cmd in (one, two):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-    a, b = load_checkpoint(tmp_path / "one/last.pt"), load_checkpoint(tmp_path / "two/last.pt")
+    one, two = train_one_and_two_processes(common, tmp_path, batch_size=4)
+    a, b = load_checkpoint(one / "last.pt"), load_checkpoint(two / "last.pt")
     assert a["step"] == b["step"] == 2
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)

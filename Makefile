@@ -47,8 +47,10 @@ $(STAMP310): pyproject.toml requirements-dev.txt
 print-python310:
 	@echo $(PYTHON310)
 
+# The learning studies (marker `study`, six minutes) run once, in `make test`: what they measure is torch's numerics,
+# which the interpreter does not change.
 test-py310: $(STAMP310)
-	$(VENV310)/bin/python -m pytest -q
+	$(VENV310)/bin/python -m pytest -q -m "not slow and not study"
 
 # The benchmark's peer (pydensecrf2) builds from source and needs Cython < 3.
 bench-setup: $(STAMP)

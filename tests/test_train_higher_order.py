@@ -162,6 +162,7 @@ def test_evaluate_refuses_inputs_the_weights_cannot_take(voc, joint_run, tmp_pat
     assert "need --weights" in capsys.readouterr().err
 
 
+@pytest.mark.study
 @pytest.mark.parametrize("seed", [1, 3])
 def test_joint_training_learns_positive_detection_weights(tmp_path, seed):
     """Piecewise, as the paper trains: FCN-8s first, then the joint stage with both potentials, every higher-order

@@ -172,6 +172,7 @@ def _held_out_gain(tmp_path, seed: int) -> tuple[float, float]:
     return scores[0], scores[1]
 
 
+@pytest.mark.study
 def test_the_dense_crf_loss_beats_partial_cross_entropy_on_held_out_images(tmp_path):
     """Seed 1 of the README's table (about 3 minutes): partial CE 80.5, with the loss 86.8 (+6.3)."""
     partial, weak = _held_out_gain(tmp_path, 1)
@@ -179,6 +180,7 @@ def test_the_dense_crf_loss_beats_partial_cross_entropy_on_held_out_images(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.study
 def test_the_dense_crf_loss_gains_on_every_seed(tmp_path):
     """The README's table, seeds 1-4 (about 12 minutes): every seed gains, by 4.6 points on average."""
     gains = [weak - partial for partial, weak in (_held_out_gain(tmp_path, seed) for seed in (1, 2, 3, 4))]

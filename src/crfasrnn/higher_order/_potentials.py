@@ -24,8 +24,9 @@ where the first two terms are the plain layer's (:mod:`crfasrnn._mean_field`) an
   u[j]``. It is computed once, from the unary, and added in every iteration (as caffe-tvg's ``au_blobs``).
 * **superpixels, the paper's Pⁿ-Potts form** (``r_t``, ``superpixel_potential="potts"``): a segment c costs
   ``w_low(l)`` when all its pixels take label l and ``w_high`` otherwise; its mean-field message to pixel i is (up to a
-  constant per pixel) ``r_t[i, l] = Σ_σ γ_σ[l] Π_{j ∈ σ(i), j ≠ i} p_t[j, l]`` with ``γ = w_high − w_low ≥ 0`` learned
-  per scale and class, computed in the log domain.
+  constant per pixel) ``r_t[i, l] = Σ_σ γ_σ[l] Π_{j ∈ σ(i), j ≠ i} p_t[j, l]`` with the reward ``γ = w_high − w_low``
+  learned per scale and class, computed in the log domain. The paper's model has γ ≥ 0; the layer learns γ
+  unconstrained, as CRF-RNN learns its compatibility matrix (a negative γ softens segments that agree).
 
 Why the released form is the default: it is what caffe-tvg trained and published, its term is linear in the unary (its
 gradients never vanish), and it smooths noise inside a segment from the first iteration; the product over a segment of

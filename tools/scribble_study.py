@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--start-epoch", type=int, default=16)
     parser.add_argument("--normalized", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--scribble-margin", type=int, default=2, help="pixels a stroke stays inside its region")
     parser.add_argument("--size", default="96x128", help="image size HxW (training crops are H x H)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (1: deterministic; 0: torch's default)")
     args = parser.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
             num_val=args.num_val,
             size=(height, width),
             scribbles=True,
+            scribble_margin=args.scribble_margin,
             keep_full_labels=args.full,
             seed=seed,
         )

@@ -219,3 +219,31 @@ def test_scribbled_data_can_keep_the_full_labels_of_the_same_images(tmp_path):
         assert (full != 255).all() and (scribbles == 255).mean() > 0.8
         assert (scribbles[scribbles != 255] == full[scribbles != 255]).all()  # the scribbles are of these labels
     assert not (kept / "SegmentationClassFull" / "val_0000.png").exists()  # validation keeps its full labels anyway
+
+
+
+def test_a_wider_scribble_margin_keeps_the_strokes_further_inside_the_same_images(tmp_path):
+    from crfasrnn.data.synthetic import _components, _erode
+
+    kw = {"num_train": 4, "num_val": 1, "size": (48, 64), "scribbles": True, "seed": 3}
+    near = make_synthetic_voc(tmp_path / "a", keep_full_labels=True, **kw)
+    far = make_synthetic_voc(tmp_path / "b", scribble_margin=5, **kw)
+    checked = 0
+    for stem in (f"train_{i:04d}" for i in range(4)):
+        assert (near / "JPEGImages" / f"{stem}.jpg").read_bytes() == (far / "JPEGImages" / f"{stem}.jpg").read_bytes()
+        full = np.asarray(Image.open(near / "SegmentationClassFull" / f"{stem}.png")).astype(np.int64)
+        for margin, root in ((2, near), (5, far)):
+            s = np.asarray(Image.open(root / "SegmentationClass" / f"{stem}.png")).astype(np.int64)
+            assert (s[s != 255] == full[s != 255]).all()  # strokes carry their true labels
+            for cls in np.unique(full):
+                for region in _components(full == cls):
+                    inner = _erode(region, margin)
+                    stroke = region & (s == cls)
+                    assert stroke.any()  # every region is scribbled
+                    if inner.any():  # within the margin where the region is wide enough
+                        assert not (stroke & ~inner).any(), (stem, margin, cls)
+                        checked += margin == 5
+    assert checked >= 4
+    with pytest.raises(ValueError, match="scribble_margin"):
+        make_synthetic_voc(tmp_path / "c", num_train=1, num_val=1, scribbles=True, scribble_margin=-1)
+    assert not (tmp_path / "c").exists()

@@ -167,6 +167,7 @@ def make_synthetic_voc(
     max_objects: int = 3,
     boundary: int = 0,
     scribbles: bool = False,
+    scribble_margin: int = 2,
     keep_full_labels: bool = False,
     detections: bool = False,
     false_detections: float = 0.0,
@@ -188,6 +189,9 @@ def make_synthetic_voc(
         scribbles: label the training images with scribbles only (:func:`scribble_labels`: a thin stroke inside each
             object and across the background, a few percent of the pixels; the rest 255), as weakly supervised
             training has them; the validation images keep their full labels, for scoring.
+        scribble_margin: how far inside its region a stroke stays (pixels, where the region is wide enough): 2 reaches
+            almost to every edge; people scribble further in, which leaves the boundaries to the network to find.
+            The images do not depend on it.
         keep_full_labels: with ``scribbles``, also write the training images' full labels to
             ``SegmentationClassFull/``: fully supervised training on the same images (drawing the scribbles takes
             random numbers, so ``scribbles=False`` gives other images).
@@ -201,6 +205,8 @@ def make_synthetic_voc(
     """
     if not 2 <= num_classes <= len(CLASS_COLOURS) + 1:
         raise ValueError(f"num_classes must lie in 2..{len(CLASS_COLOURS) + 1}, got {num_classes}")
+    if isinstance(scribble_margin, bool) or not isinstance(scribble_margin, int) or scribble_margin < 0:
+        raise ValueError(f"scribble_margin must be an integer >= 0, got {scribble_margin!r}")
     height, width = size
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -236,7 +242,7 @@ def make_synthetic_voc(
                 if keep_full_labels:
                     (root / "SegmentationClassFull").mkdir(exist_ok=True)
                     save_label_map(label, root / "SegmentationClassFull" / f"{stem}.png")
-                label = scribble_labels(label, rng)
+                label = scribble_labels(label, rng, margin=scribble_margin)
             Image.fromarray(image.astype(np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
             save_label_map(label, root / "SegmentationClass" / f"{stem}.png")
     for split, ids in splits.items():

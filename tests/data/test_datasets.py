@@ -221,7 +221,6 @@ def test_scribbled_data_can_keep_the_full_labels_of_the_same_images(tmp_path):
     assert not (kept / "SegmentationClassFull" / "val_0000.png").exists()  # validation keeps its full labels anyway
 
 
-
 def test_a_wider_scribble_margin_keeps_the_strokes_further_inside_the_same_images(tmp_path):
     from crfasrnn.data.synthetic import _components, _erode
 

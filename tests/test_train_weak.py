@@ -142,6 +142,7 @@ STUDY = {
     "crf_loss_sigma_rgb": 15.0, "crf_loss_sigma_xy": 10.0, "crf_loss_scale": 1.0, "crf_loss_start_epoch": 16,
 }  # fmt: skip
 STUDY_WEIGHT = 1e-3  # with --crf-loss-normalized
+STUDY_MARGIN = 6  # scribbles stay 6 pixels inside their regions, as people scribble
 
 
 def _held_out_gain(tmp_path, seed: int) -> tuple[float, float]:
@@ -152,7 +153,13 @@ def _held_out_gain(tmp_path, seed: int) -> tuple[float, float]:
     import sys
 
     root = make_synthetic_voc(
-        tmp_path / f"data{seed}", num_train=128, num_val=32, size=(96, 128), scribbles=True, seed=seed
+        tmp_path / f"data{seed}",
+        num_train=128,
+        num_val=32,
+        size=(96, 128),
+        scribbles=True,
+        seed=seed,
+        scribble_margin=STUDY_MARGIN,
     )
     runs = []
     for weight in (0.0, STUDY_WEIGHT):
@@ -174,14 +181,15 @@ def _held_out_gain(tmp_path, seed: int) -> tuple[float, float]:
 
 @pytest.mark.study
 def test_the_dense_crf_loss_beats_partial_cross_entropy_on_held_out_images(tmp_path):
-    """Seed 1 of the README's table (about 3 minutes): partial CE 80.5, with the loss 86.8 (+6.3)."""
+    """Seed 1 of the README's table (about 5 minutes): partial CE 78.5, with the loss 84.0 (+5.6)."""
     partial, weak = _held_out_gain(tmp_path, 1)
-    assert weak - partial > 3.0, (partial, weak)
+    assert weak - partial > 4.0, (partial, weak)
 
 
 @pytest.mark.slow
 @pytest.mark.study
 def test_the_dense_crf_loss_gains_on_every_seed(tmp_path):
-    """The README's table, seeds 1-4 (about 12 minutes): every seed gains, by 4.6 points on average."""
+    """The README's table, seeds 1-4 (about 20 minutes): every seed gains, by 7.5 points on average (+5.6, +10.9,
+    +9.0, +4.5)."""
     gains = [weak - partial for partial, weak in (_held_out_gain(tmp_path, seed) for seed in (1, 2, 3, 4))]
-    assert min(gains) > 1.0 and sum(gains) / len(gains) > 4.0, gains
+    assert min(gains) > 3.0 and sum(gains) / len(gains) > 5.0, gains

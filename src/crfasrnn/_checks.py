@@ -17,6 +17,7 @@ from .errors import InputTypeError
 
 __all__ = [
     "all_finite",
+    "check_count",
     "check_finite",
     "check_iterations",
     "check_positive",
@@ -108,6 +109,18 @@ def check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """A count: an integer >= ``minimum`` (not a bool).
+
+    Example:
+        >>> check_count("max_size", 512, minimum=1)
+        512
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def check_iterations(num_iterations: Any) -> int:
     """A number of mean-field iterations: an integer >= 0 (not a bool).
 
@@ -115,9 +128,7 @@ def check_iterations(num_iterations: Any) -> int:
         >>> check_iterations(5)
         5
     """
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be an integer >= 0, got {num_iterations!r}")
-    return num_iterations
+    return check_count("num_iterations", num_iterations)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import _mean_field  # (also registers crfasrnn::mean_field)
-from ._checks import check_iterations, describe, require
+from ._checks import check_count, check_iterations, describe, require
 from ._precision import compute_dtype, precision
 from .errors import InputTypeError
 from .lattice import (
@@ -540,8 +540,7 @@ class DenseCRF(nn.Module):
         compact: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        check_count("num_classes", num_classes, minimum=1)
         kernels = list(kernels)
         if not kernels or not all(isinstance(k, GaussianKernel) for k in kernels):
             raise ValueError("kernels must be a non-empty sequence of GaussianKernel")

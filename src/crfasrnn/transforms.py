@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._checks import check_count
 from .errors import InputTypeError
 
 __all__ = [
@@ -75,8 +76,7 @@ def resize_longest_side(image: np.ndarray, max_size: int = NETWORK_SIZE, *, upsc
         (375, 500, 3)
     """
     image = check_rgb_image(image)
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-        raise ValueError(f"max_size must be an integer >= 1, got {max_size!r}")
+    check_count("max_size", max_size, minimum=1)
     h, w = image.shape[:2]
     if max(h, w) == max_size or (max(h, w) < max_size and not upscale):
         return image

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._checks import check_count
 from ..image import save_label_map
 from .datasets import IGNORE_INDEX
 
@@ -205,8 +206,7 @@ def make_synthetic_voc(
     """
     if not 2 <= num_classes <= len(CLASS_COLOURS) + 1:
         raise ValueError(f"num_classes must lie in 2..{len(CLASS_COLOURS) + 1}, got {num_classes}")
-    if isinstance(scribble_margin, bool) or not isinstance(scribble_margin, int) or scribble_margin < 0:
-        raise ValueError(f"scribble_margin must be an integer >= 0, got {scribble_margin!r}")
+    check_count("scribble_margin", scribble_margin)
     height, width = size
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):

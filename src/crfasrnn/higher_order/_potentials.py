@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._checks import check_count
 from ..lattice import mode_scales
 from ._inputs import Detections, Superpixels
 
@@ -95,8 +96,7 @@ class HigherOrderPotentials(nn.Module):
         epsilon: float = 1e-4,
     ) -> None:
         super().__init__()
-        if isinstance(superpixel_scales, bool) or not isinstance(superpixel_scales, int) or superpixel_scales < 0:
-            raise ValueError(f"superpixel_scales must be an integer >= 0, got {superpixel_scales!r}")
+        check_count("superpixel_scales", superpixel_scales)
         if superpixel_potential not in ("mean", "potts"):
             raise ValueError(f"superpixel_potential must be 'mean' or 'potts', got {superpixel_potential!r}")
         if not (max_score > 0 and 0 < epsilon < 1):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._checks import check_count
 from ..image import bundled_photo_path, overlay, read_image, voc_palette
 
 if TYPE_CHECKING:
@@ -91,9 +92,7 @@ class Limits:
         if not isinstance(self.body_timeout_s, (int, float)) or not 0 < self.body_timeout_s < float("inf"):
             raise ValueError(f"body_timeout_s must be a finite number > 0, got {self.body_timeout_s!r}")
         for name in ("max_upload_bytes", "max_side", "work_side", "max_iterations", "max_decodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, getattr(self, name), minimum=1)
         if self.max_pixels is not None and (not isinstance(self.max_pixels, int) or self.max_pixels < 1):
             raise ValueError(f"max_pixels must be an integer >= 1 or None, got {self.max_pixels!r}")
 
